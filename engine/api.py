@@ -1,0 +1,257 @@
+"""The embedded API: `open_engine(config)` and the `Engine` that tests, the gateway and
+the CLI all use. It routes each command to its shard and waits for the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from engine.book import name_error
+from engine.config import EngineConfig
+from engine.router import shard_for_reservation, shard_for_sku
+from engine.shard import CommitObserver, Shard, ShardStatistics, Ticket
+from engine.store import DataDir, ShardStore
+from protocol.messages import (
+    BUSY,
+    INVALID,
+    NOT_FOUND,
+    AnyReply,
+    Cancel,
+    Command,
+    Confirm,
+    PutSku,
+    Register,
+    Reply,
+    Reserve,
+    Stock,
+    StockReply,
+)
+
+
+class EngineClosed(Exception):
+    """The engine was used after its `open_engine` block ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    shards: tuple[ShardStatistics, ...]
+
+    @property
+    def commands(self) -> int:
+        return sum(shard.commands for shard in self.shards)
+
+    @property
+    def holds(self) -> int:
+        return sum(shard.holds for shard in self.shards)
+
+
+@dataclass(frozen=True, slots=True)
+class SkuCounts:
+    sku: str
+    stock: int
+    available: int
+    held: int
+    sold: int
+
+
+class Engine:
+    """A running set of shards. Every method is safe to call from many tasks at once."""
+
+    def __init__(self, config: EngineConfig, shards: list[Shard]) -> None:
+        self.config = config
+        self._shards = shards
+        self._shard_count = len(shards)
+        self._string_bytes_max = config.limits.string_bytes_max
+
+    # ------------------------------------------------------------ one command each
+
+    async def put_sku(
+        self,
+        sku: str,
+        *,
+        stock: int,
+        per_buyer_limit: int = 1,
+        hold_seconds: float = 900,
+        opens_at: float | None = None,
+        closes_at: float | None = None,
+        registration_required: bool = False,
+    ) -> Reply:
+        """Create `sku`, or change its settings and set its total stock."""
+        command = PutSku(sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
+        return await self._one(command)  # type: ignore[return-value]
+
+    async def register(self, sku: str, buyers: Iterable[str]) -> Reply:
+        """Let `buyers` reserve `sku`; any number of them, sent in bounded commands."""
+        if isinstance(buyers, (str, bytes)) or not isinstance(buyers, Iterable):
+            return Reply(INVALID, error="buyers must be a list of buyer ids")
+        buyers = list(buyers)
+        size = self.config.limits.register_buyers_max
+        commands = [Register(sku, buyers[start : start + size]) for start in range(0, len(buyers), size)]
+        replies = await self.execute(commands or [Register(sku, [])])
+        failed = [reply for reply in replies if reply.status != "ok"]
+        return failed[0] if failed else replies[0]  # type: ignore[return-value]
+
+    async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
+        """Hold `qty` units of `sku` for `buyer`; a retry with the same `key` returns the first hold."""
+        return await self._one(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
+
+    async def confirm(self, reservation: str, *, buyer: str) -> Reply:
+        return await self._one(Confirm(reservation, buyer))  # type: ignore[return-value]
+
+    async def cancel(self, reservation: str, *, buyer: str) -> Reply:
+        return await self._one(Cancel(reservation, buyer))  # type: ignore[return-value]
+
+    async def stock(self, sku: str) -> StockReply:
+        return await self._one(Stock(sku))  # type: ignore[return-value]
+
+    async def _one(self, command: Command) -> AnyReply:
+        shard = self.route(command)
+        if type(shard) is not int:
+            return shard
+        ticket = Ticket((command,))
+        await self._send(shard, ticket)
+        await ticket.done.wait()
+        return ticket.replies[0]
+
+    # ------------------------------------------------------------ batches
+
+    async def execute(self, commands: Sequence[Command], *, wait: bool = True) -> list[AnyReply]:
+        """Decide a batch: replies in request order.
+
+        Each shard's part goes to it as one ticket, applied and committed together;
+        the shards work on their parts at the same time. With `wait=False` a part
+        whose shard's mailbox is full is answered `busy` instead of waiting for room.
+        """
+        count = len(commands)
+        if count == 0:
+            return []
+        route = self.route
+        targets = [route(command) for command in commands]
+        first = targets[0]
+        if type(first) is int and targets.count(first) == count:
+            # The common case: a frame for one hot SKU, or a single shard.
+            ticket = Ticket(commands)
+            if not await self._hand_over(first, ticket, wait):
+                return [_busy(command) for command in commands]
+            await ticket.done.wait()
+            return ticket.replies
+        replies: list[AnyReply | None] = [None] * count
+        positions: dict[int, list[int]] = {}
+        for position, target in enumerate(targets):
+            if type(target) is int:
+                positions.setdefault(target, []).append(position)
+            else:
+                replies[position] = target
+        handed: list[tuple[Ticket, list[int]]] = []
+        for shard, shard_positions in positions.items():
+            ticket = Ticket([commands[position] for position in shard_positions])
+            if await self._hand_over(shard, ticket, wait):
+                handed.append((ticket, shard_positions))
+            else:
+                for position in shard_positions:
+                    replies[position] = _busy(commands[position])
+        for ticket, shard_positions in handed:
+            await ticket.done.wait()
+            for position, reply in zip(shard_positions, ticket.replies, strict=True):
+                replies[position] = reply
+        return replies  # type: ignore[return-value]
+
+    def route(self, command: Command) -> int | AnyReply:
+        """The shard that decides `command`, or the reply when no shard needs to see it."""
+        if type(command) is Confirm or type(command) is Cancel:
+            error = name_error(command.reservation, "reservation", self._string_bytes_max) or name_error(
+                command.buyer, "buyer", self._string_bytes_max
+            )
+            if error:
+                return Reply(INVALID, error=error)
+            shard = shard_for_reservation(command.reservation, self._shard_count)
+            return Reply(NOT_FOUND) if shard is None else shard
+        if type(command) not in (Reserve, Stock, PutSku, Register):
+            return Reply(INVALID, error=f"{type(command).__name__} is not a command")
+        sku = command.sku
+        if type(sku) is not str or not sku:
+            error = name_error(sku, "sku", self._string_bytes_max) or "sku is not valid"
+            return StockReply(INVALID, error=error) if type(command) is Stock else Reply(INVALID, error=error)
+        return shard_for_sku(sku, self._shard_count)
+
+    async def _hand_over(self, shard: int, ticket: Ticket, wait: bool) -> bool:
+        if wait:
+            await self._send(shard, ticket)
+            return True
+        try:
+            self._shards[shard].mailbox.send_nowait(ticket)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise EngineClosed("the engine is closed") from None
+        return True
+
+    async def _send(self, shard: int, ticket: Ticket) -> None:
+        try:
+            await self._shards[shard].mailbox.send(ticket)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise EngineClosed("the engine is closed") from None
+
+    # ------------------------------------------------------------ looking inside
+
+    @property
+    def shard_count(self) -> int:
+        return self._shard_count
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(tuple(shard.statistics() for shard in self._shards))
+
+    def sku_counts(self) -> list[SkuCounts]:
+        """Every SKU's counts as the shards hold them now, for metrics and reports.
+
+        Read between batches, so a count may include a batch whose commit is still
+        on its way to disk; use `stock` for an answer that is committed.
+        """
+        counts = []
+        for shard in self._shards:
+            for state in shard.book.skus.values():
+                counts.append(SkuCounts(state.sku, state.stock, state.available, state.held, state.sold))
+        return counts
+
+
+def _busy(command: Command) -> AnyReply:
+    error = "the shard's mailbox is full; retry later"
+    return StockReply(BUSY, error=error) if type(command) is Stock else Reply(BUSY, error=error)
+
+
+@asynccontextmanager
+async def open_engine(
+    config: EngineConfig | None = None, *, commit_observer: CommitObserver | None = None
+) -> AsyncIterator[Engine]:
+    """Recover (or create) the shards, run them, and stop them cleanly on exit.
+
+    Every shard has recovered its journal before the body runs; on exit the
+    mailboxes close, each shard finishes what was handed to it, and the journals close.
+    """
+    config = config or EngineConfig()
+    data_dir = DataDir(config.data_dir, config.shards) if config.data_dir is not None else None
+    stores: list[ShardStore | None] = [
+        ShardStore(data_dir.shard_directory(index), index, config.durable, config.limits) if data_dir else None
+        for index in range(config.shards)
+    ]
+    shards = [Shard(index, config, stores[index], commit_observer) for index in range(config.shards)]
+    try:
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as starting:
+                for shard in shards:
+                    starting.start_soon(nursery.start, shard.run)
+            try:
+                yield Engine(config, shards)
+            finally:
+                for shard in shards:
+                    shard.mailbox.close()
+    finally:
+        for store in stores:
+            if store is not None:
+                store.close()
+        if data_dir is not None:
+            data_dir.close()

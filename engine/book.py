@@ -1,0 +1,591 @@
+"""The book: one shard's state, and the pure function that applies commands to it.
+
+`Book.execute(commands, now, records)` decides each command at wall-clock time `now`
+(epoch seconds, passed in: the book never reads a clock), returns the replies in
+order and appends the journal records that describe every change. `Book.replay`
+applies such records to rebuild the same state, so the journal is the truth and the
+book is a cache of it. No I/O and no trio here.
+
+A reserve is checked in this order of precedence, and the first failing check is its
+answer: invalid, unknown_sku, (a used idempotency key returns its hold), not_open,
+closed, not_registered, limit_exceeded, sold_out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from protocol.limits import Limits
+from protocol.messages import (
+    CLOSED,
+    CONFLICT,
+    EXPIRED,
+    LIMIT_EXCEEDED,
+    NOT_FOUND,
+    NOT_OPEN,
+    NOT_REGISTERED,
+    OK,
+    SOLD_OUT,
+    UNKNOWN_SKU,
+    AnyReply,
+    Cancel,
+    Command,
+    Confirm,
+    PutSku,
+    Register,
+    Reply,
+    Reserve,
+    Stock,
+    StockReply,
+    invalid,
+)
+
+# Hold states. A hold is created HELD and ends exactly once, in one of the other three.
+HELD = 0
+CONFIRMED = 1
+CANCELLED = 2
+EXPIRED_STATE = 3
+HOLD_STATE_NAMES = {HELD: "held", CONFIRMED: "confirmed", CANCELLED: "cancelled", EXPIRED_STATE: "expired"}
+
+# Journal record kinds; a record is a tuple whose first item is its kind.
+RECORD_PUT_SKU = 1  # (kind, sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
+RECORD_REGISTER = 2  # (kind, sku, buyers)
+RECORD_HOLD = 3  # (kind, hold_number, sku, buyer, qty, created_at, expires_at, key)
+RECORD_CONFIRM = 4  # (kind, hold_number, at)
+RECORD_CANCEL = 5  # (kind, hold_number, at)
+RECORD_EXPIRE = 6  # (kind, hold_number, at)
+
+Record = tuple[Any, ...]
+
+_REPLY_SOLD_OUT = Reply(SOLD_OUT)
+_REPLY_LIMIT = Reply(LIMIT_EXCEEDED)
+_REPLY_NOT_OPEN = Reply(NOT_OPEN)
+_REPLY_CLOSED = Reply(CLOSED)
+_REPLY_NOT_REGISTERED = Reply(NOT_REGISTERED)
+_REPLY_UNKNOWN_SKU = Reply(UNKNOWN_SKU)
+_REPLY_OK = Reply(OK)
+_REPLY_EXPIRED = Reply(EXPIRED)
+_REPLY_NOT_FOUND = Reply(NOT_FOUND)
+_REPLY_CONFLICT = Reply(CONFLICT)
+_STOCK_UNKNOWN_SKU = StockReply(UNKNOWN_SKU)
+
+
+class InvariantViolation(AssertionError):
+    """A bug: the book reached a state that DESIGN.md's invariants forbid."""
+
+
+def name_error(value: object, what: str, string_bytes_max: int) -> str | None:
+    """Why `value` is not a valid SKU, buyer, key or reservation id; None when it is."""
+    if type(value) is not str:
+        return f"{what} must be a string"
+    length = len(value)
+    if length == 0:
+        return f"{what} must not be empty"
+    # A str of n characters encodes to at most 4n UTF-8 bytes: encode only when it matters.
+    if length * 4 > string_bytes_max and len(value.encode("utf-8", "surrogatepass")) > string_bytes_max:
+        return f"{what} is longer than {string_bytes_max} bytes"
+    return None
+
+
+def _is_time(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def format_reservation(shard: int, hold_number: int) -> str:
+    """A reservation id names its shard, so confirm and cancel route without a lookup."""
+    return f"{shard}-{hold_number}"
+
+
+def parse_reservation(reservation: str) -> tuple[int, int] | None:
+    """(shard, hold number) of a reservation id; None when it cannot be one of ours."""
+    shard_text, dash, number_text = reservation.partition("-")
+    if not dash or not shard_text.isdigit() or not number_text.isdigit() or not shard_text.isascii():
+        return None
+    if len(shard_text) > 6 or len(number_text) > 18 or not number_text.isascii():
+        return None
+    return int(shard_text), int(number_text)
+
+
+class SkuState:
+    """One SKU's settings and counts. Units held + sold never exceed `stock`."""
+
+    __slots__ = (
+        "buyer_units",
+        "closes_at",
+        "held",
+        "hold_seconds",
+        "keys",
+        "opens_at",
+        "per_buyer_limit",
+        "registered",
+        "registration_required",
+        "sku",
+        "sold",
+        "stock",
+    )
+
+    def __init__(self, sku: str) -> None:
+        self.sku = sku
+        self.stock = 0
+        self.per_buyer_limit = 1
+        self.hold_seconds: float = 900
+        self.opens_at: float | None = None
+        self.closes_at: float | None = None
+        self.registration_required = False
+        self.held = 0
+        self.sold = 0
+        # Units held + sold per buyer; a buyer whose holds all ended is dropped.
+        self.buyer_units: dict[str, int] = {}
+        self.registered: set[str] = set()
+        # Idempotency key -> hold number, for the SKU's lifetime.
+        self.keys: dict[str, int] = {}
+
+    @property
+    def available(self) -> int:
+        return self.stock - self.held - self.sold
+
+
+class Hold:
+    """Units set aside for one buyer; ends once: confirmed, cancelled or expired."""
+
+    __slots__ = ("buyer", "created_at", "ended_at", "expires_at", "key", "number", "qty", "sku", "state")
+
+    def __init__(
+        self,
+        number: int,
+        sku: SkuState,
+        buyer: str,
+        qty: int,
+        created_at: float,
+        expires_at: float,
+        key: str | None,
+    ) -> None:
+        self.number = number
+        self.sku = sku
+        self.buyer = buyer
+        self.qty = qty
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.state = HELD
+        self.ended_at: float | None = None
+        self.key = key
+
+
+class Book:
+    """One shard's SKUs and holds. Deterministic: same records, same state."""
+
+    def __init__(self, shard: int = 0, limits: Limits | None = None) -> None:
+        self.shard = shard
+        self.limits = limits or Limits()
+        self.skus: dict[str, SkuState] = {}
+        self.holds: dict[int, Hold] = {}
+        self.last_hold_number = 0
+        # (expires_at, hold number) of holds that may still be HELD; stale entries are
+        # skipped when popped, so confirm and cancel never search the heap.
+        self._expiry_heap: list[tuple[float, int]] = []
+
+    # ----------------------------------------------------------------- deciding
+
+    def apply(self, command: Command, now: float) -> tuple[AnyReply, list[Record]]:
+        """Decide one command at time `now`: its reply and the records it wrote."""
+        records: list[Record] = []
+        (reply,) = self.execute((command,), now, records)
+        return reply, records
+
+    def execute(self, commands: Sequence[Command], now: float, records: list[Record]) -> list[AnyReply]:
+        """Decide `commands` in order at time `now`, appending their records to `records`.
+
+        Holds whose time ran out by `now` are expired first, so a batch never sees a
+        hold past its expiry.
+        """
+        heap = self._expiry_heap
+        if heap and heap[0][0] <= now:
+            self.expire_due(now, records)
+        replies: list[AnyReply] = []
+        append = replies.append
+        reserve = self._reserve
+        for command in commands:
+            kind = type(command)
+            if kind is Reserve:
+                append(reserve(command, now, records))
+            elif kind is Confirm:
+                append(self._end_hold(command, now, records, CONFIRMED))
+            elif kind is Cancel:
+                append(self._end_hold(command, now, records, CANCELLED))
+            elif kind is Stock:
+                append(self._stock(command))
+            elif kind is PutSku:
+                append(self._put_sku(command, records))
+            elif kind is Register:
+                append(self._register(command, records))
+            else:
+                append(invalid(f"unknown command {kind.__name__}"))
+        return replies
+
+    def expire_due(self, now: float, records: list[Record]) -> int:
+        """Expire every hold whose time ran out by `now`; returns how many."""
+        heap = self._expiry_heap
+        holds = self.holds
+        expired = 0
+        while heap and heap[0][0] <= now:
+            _, number = heapq.heappop(heap)
+            hold = holds[number]
+            if hold.state == HELD:
+                record = (RECORD_EXPIRE, number, now)
+                self._replay_end(record, EXPIRED_STATE)
+                records.append(record)
+                expired += 1
+        return expired
+
+    def next_expiry(self) -> float | None:
+        """When the earliest live hold runs out (epoch seconds), if any is live."""
+        heap = self._expiry_heap
+        holds = self.holds
+        while heap and holds[heap[0][1]].state != HELD:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _reserve(self, command: Reserve, now: float, records: list[Record]) -> Reply:
+        sku = command.sku
+        buyer = command.buyer
+        qty = command.qty
+        key = command.key
+        limits = self.limits
+        string_bytes_max = limits.string_bytes_max
+        # invalid
+        if type(sku) is not str or not 0 < len(sku) <= string_bytes_max // 4:
+            error = name_error(sku, "sku", string_bytes_max)
+            if error:
+                return invalid(error)
+        if type(buyer) is not str or not 0 < len(buyer) <= string_bytes_max // 4:
+            error = name_error(buyer, "buyer", string_bytes_max)
+            if error:
+                return invalid(error)
+        if type(qty) is not int or not 0 < qty <= limits.qty_max:
+            return invalid(f"qty must be an integer from 1 to {limits.qty_max}")
+        if key is not None and (type(key) is not str or not 0 < len(key) <= string_bytes_max // 4):
+            error = name_error(key, "key", string_bytes_max)
+            if error:
+                return invalid(error)
+        # unknown_sku
+        state = self.skus.get(sku)
+        if state is None:
+            return _REPLY_UNKNOWN_SKU
+        # A used key returns its hold, whatever became of it since.
+        if key is not None:
+            number = state.keys.get(key)
+            if number is not None:
+                hold = self.holds[number]
+                if hold.buyer != buyer or hold.qty != qty:
+                    return invalid("key was already used with another buyer or qty")
+                return Reply(
+                    OK,
+                    reservation=format_reservation(self.shard, number),
+                    expires_at=hold.expires_at,
+                    remaining=state.stock - state.held - state.sold,
+                )
+        # not_open, closed
+        if state.opens_at is not None and now < state.opens_at:
+            return _REPLY_NOT_OPEN
+        if state.closes_at is not None and now >= state.closes_at:
+            return _REPLY_CLOSED
+        # not_registered
+        if state.registration_required and buyer not in state.registered:
+            return _REPLY_NOT_REGISTERED
+        # limit_exceeded
+        units = state.buyer_units.get(buyer, 0)
+        if units + qty > state.per_buyer_limit:
+            return _REPLY_LIMIT
+        # sold_out
+        available = state.stock - state.held - state.sold
+        if qty > available:
+            return _REPLY_SOLD_OUT
+        number = self.last_hold_number + 1
+        expires_at = now + state.hold_seconds
+        record = (RECORD_HOLD, number, sku, buyer, qty, now, expires_at, key)
+        self._replay_hold(record)
+        records.append(record)
+        return Reply(
+            OK,
+            reservation=format_reservation(self.shard, number),
+            expires_at=expires_at,
+            remaining=available - qty,
+        )
+
+    def _end_hold(self, command: Confirm | Cancel, now: float, records: list[Record], ending: int) -> Reply:
+        string_bytes_max = self.limits.string_bytes_max
+        error = name_error(command.reservation, "reservation", string_bytes_max) or name_error(
+            command.buyer, "buyer", string_bytes_max
+        )
+        if error:
+            return invalid(error)
+        parsed = parse_reservation(command.reservation)
+        if parsed is None or parsed[0] != self.shard:
+            return _REPLY_NOT_FOUND
+        hold = self.holds.get(parsed[1])
+        # A wrong buyer learns nothing: the answer is the same as for an unknown id.
+        if hold is None or hold.buyer != command.buyer:
+            return _REPLY_NOT_FOUND
+        state = hold.state
+        if state == HELD:
+            if now >= hold.expires_at:
+                record = (RECORD_EXPIRE, hold.number, now)
+                self._replay_end(record, EXPIRED_STATE)
+                records.append(record)
+                return _REPLY_EXPIRED
+            record = (RECORD_CONFIRM if ending == CONFIRMED else RECORD_CANCEL, hold.number, now)
+            self._replay_end(record, ending)
+            records.append(record)
+            return _REPLY_OK
+        if state == ending:
+            return _REPLY_OK  # a retry of what already happened
+        if state == EXPIRED_STATE:
+            return _REPLY_EXPIRED
+        return _REPLY_CONFLICT
+
+    def _stock(self, command: Stock) -> StockReply:
+        error = name_error(command.sku, "sku", self.limits.string_bytes_max)
+        if error:
+            return StockReply("invalid", error=error)
+        state = self.skus.get(command.sku)
+        if state is None:
+            return _STOCK_UNKNOWN_SKU
+        return StockReply(OK, stock=state.stock, available=state.available, held=state.held, sold=state.sold)
+
+    def _put_sku(self, command: PutSku, records: list[Record]) -> Reply:
+        limits = self.limits
+        error = name_error(command.sku, "sku", limits.string_bytes_max)
+        if error:
+            return invalid(error)
+        stock = command.stock
+        if type(stock) is not int or not 0 <= stock <= limits.stock_max:
+            return invalid(f"stock must be an integer from 0 to {limits.stock_max}")
+        per_buyer_limit = command.per_buyer_limit
+        if type(per_buyer_limit) is not int or not 1 <= per_buyer_limit <= limits.stock_max:
+            return invalid(f"per_buyer_limit must be an integer from 1 to {limits.stock_max}")
+        hold_seconds = command.hold_seconds
+        if not _is_time(hold_seconds) or not 0 < hold_seconds <= 366 * 86400:
+            return invalid("hold_seconds must be a number of seconds above 0 and at most a year")
+        opens_at, closes_at = command.opens_at, command.closes_at
+        if opens_at is not None and not _is_time(opens_at):
+            return invalid("opens_at must be epoch seconds or null")
+        if closes_at is not None and not _is_time(closes_at):
+            return invalid("closes_at must be epoch seconds or null")
+        if opens_at is not None and closes_at is not None and closes_at <= opens_at:
+            return invalid("closes_at must be after opens_at")
+        if type(command.registration_required) is not bool:
+            return invalid("registration_required must be true or false")
+        state = self.skus.get(command.sku)
+        if state is not None:
+            if stock < state.held + state.sold:
+                return invalid(f"stock {stock} is below the {state.held + state.sold} units held and sold")
+            most = max(state.buyer_units.values(), default=0)
+            if per_buyer_limit < most:
+                return invalid(f"per_buyer_limit {per_buyer_limit} is below a buyer's {most} units held and sold")
+        record = (
+            RECORD_PUT_SKU,
+            command.sku,
+            stock,
+            per_buyer_limit,
+            hold_seconds,
+            opens_at,
+            closes_at,
+            command.registration_required,
+        )
+        self._replay_put_sku(record)
+        records.append(record)
+        return _REPLY_OK
+
+    def _register(self, command: Register, records: list[Record]) -> Reply:
+        limits = self.limits
+        error = name_error(command.sku, "sku", limits.string_bytes_max)
+        if error:
+            return invalid(error)
+        buyers = command.buyers
+        if type(buyers) not in (list, tuple) or len(buyers) > limits.register_buyers_max:
+            return invalid(f"buyers must be a list of at most {limits.register_buyers_max} buyers")
+        for buyer in buyers:
+            error = name_error(buyer, "buyer", limits.string_bytes_max)
+            if error:
+                return invalid(error)
+        state = self.skus.get(command.sku)
+        if state is None:
+            return _REPLY_UNKNOWN_SKU
+        new_buyers = [buyer for buyer in dict.fromkeys(buyers) if buyer not in state.registered]
+        if new_buyers:
+            record = (RECORD_REGISTER, command.sku, new_buyers)
+            self._replay_register(record)
+            records.append(record)
+        return _REPLY_OK
+
+    # ------------------------------------------------------------ changing state
+    # Every change goes through these, live and at replay alike, so replaying the
+    # journal rebuilds exactly the state that was live.
+
+    def replay(self, records: Iterable[Record]) -> None:
+        """Apply journal records (from `execute`, in their order) to this book."""
+        for record in records:
+            kind = record[0]
+            if kind == RECORD_HOLD:
+                self._replay_hold(record)
+            elif kind == RECORD_CONFIRM:
+                self._replay_end(record, CONFIRMED)
+            elif kind == RECORD_CANCEL:
+                self._replay_end(record, CANCELLED)
+            elif kind == RECORD_EXPIRE:
+                self._replay_end(record, EXPIRED_STATE)
+            elif kind == RECORD_PUT_SKU:
+                self._replay_put_sku(record)
+            elif kind == RECORD_REGISTER:
+                self._replay_register(record)
+            else:
+                raise InvariantViolation(f"unknown journal record kind {kind!r}")
+
+    def _replay_hold(self, record: Record) -> None:
+        _, number, sku, buyer, qty, created_at, expires_at, key = record
+        state = self.skus[sku]
+        if number != self.last_hold_number + 1:
+            raise InvariantViolation(f"hold {number} follows hold {self.last_hold_number}")
+        units = state.buyer_units.get(buyer, 0) + qty
+        state.buyer_units[buyer] = units
+        state.held += qty
+        if state.held + state.sold > state.stock or units > state.per_buyer_limit:
+            raise InvariantViolation(f"hold {number} oversells {sku!r} or exceeds {buyer!r}'s limit")
+        if key is not None:
+            if key in state.keys:
+                raise InvariantViolation(f"key {key!r} of {sku!r} would make a second hold")
+            state.keys[key] = number
+        self.holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
+        self.last_hold_number = number
+        heapq.heappush(self._expiry_heap, (expires_at, number))
+
+    def _replay_end(self, record: Record, ending: int) -> None:
+        _, number, at = record
+        hold = self.holds[number]
+        if hold.state != HELD:
+            raise InvariantViolation(f"hold {number} ended twice")
+        hold.state = ending
+        hold.ended_at = at
+        state = hold.sku
+        state.held -= hold.qty
+        if ending == CONFIRMED:
+            state.sold += hold.qty
+        else:
+            units = state.buyer_units[hold.buyer] - hold.qty
+            if units:
+                state.buyer_units[hold.buyer] = units
+            else:
+                del state.buyer_units[hold.buyer]
+        if state.held < 0:
+            raise InvariantViolation(f"{state.sku!r} holds fewer than zero units")
+
+    def _replay_put_sku(self, record: Record) -> None:
+        _, sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required = record
+        state = self.skus.get(sku)
+        if state is None:
+            state = self.skus[sku] = SkuState(sku)
+        if stock < state.held + state.sold:
+            raise InvariantViolation(f"restock of {sku!r} to {stock} is below units held and sold")
+        state.stock = stock
+        state.per_buyer_limit = per_buyer_limit
+        state.hold_seconds = hold_seconds
+        state.opens_at = opens_at
+        state.closes_at = closes_at
+        state.registration_required = registration_required
+
+    def _replay_register(self, record: Record) -> None:
+        _, sku, buyers = record
+        self.skus[sku].registered.update(buyers)
+
+    # ----------------------------------------------------------------- snapshots
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """The whole state as plain data (lists, numbers, strings) for a snapshot file."""
+        return {
+            "shard": self.shard,
+            "last_hold_number": self.last_hold_number,
+            "skus": [
+                [
+                    s.sku,
+                    s.stock,
+                    s.per_buyer_limit,
+                    s.hold_seconds,
+                    s.opens_at,
+                    s.closes_at,
+                    s.registration_required,
+                    sorted(s.registered),
+                ]
+                for s in self.skus.values()
+            ],
+            "holds": [
+                [h.number, h.sku.sku, h.buyer, h.qty, h.created_at, h.expires_at, h.state, h.ended_at, h.key]
+                for h in self.holds.values()
+            ],
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any], limits: Limits | None = None) -> Book:
+        book = cls(data["shard"], limits)
+        skus = book.skus
+        for sku, stock, limit, hold_seconds, opens_at, closes_at, required, registered in data["skus"]:
+            state = skus[sku] = SkuState(sku)
+            state.stock = stock
+            state.per_buyer_limit = limit
+            state.hold_seconds = hold_seconds
+            state.opens_at = opens_at
+            state.closes_at = closes_at
+            state.registration_required = required
+            state.registered = set(registered)
+        holds = book.holds
+        heap = book._expiry_heap
+        for number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key in data["holds"]:
+            state = skus[sku]
+            hold = holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
+            hold.state = hold_state
+            hold.ended_at = ended_at
+            if key is not None:
+                state.keys[key] = number
+            if hold_state == HELD:
+                state.held += qty
+                heap.append((expires_at, number))
+            elif hold_state == CONFIRMED:
+                state.sold += qty
+            if hold_state in (HELD, CONFIRMED):
+                state.buyer_units[buyer] = state.buyer_units.get(buyer, 0) + qty
+        heapq.heapify(heap)
+        book.last_hold_number = data["last_hold_number"]
+        book.check_invariants()
+        return book
+
+    # ---------------------------------------------------------------- invariants
+
+    def check_invariants(self) -> None:
+        """Recount everything from the holds and compare: raises InvariantViolation."""
+        held: dict[str, int] = {}
+        sold: dict[str, int] = {}
+        units: dict[tuple[str, str], int] = {}
+        for number, hold in self.holds.items():
+            if number != hold.number or number > self.last_hold_number:
+                raise InvariantViolation(f"hold {number} is filed under the wrong number")
+            sku = hold.sku.sku
+            if hold.state == HELD:
+                held[sku] = held.get(sku, 0) + hold.qty
+            elif hold.state == CONFIRMED:
+                sold[sku] = sold.get(sku, 0) + hold.qty
+            if hold.state in (HELD, CONFIRMED):
+                units[sku, hold.buyer] = units.get((sku, hold.buyer), 0) + hold.qty
+            if hold.key is not None and hold.sku.keys.get(hold.key) != number:
+                raise InvariantViolation(f"key {hold.key!r} of hold {number} is not remembered")
+        for sku, state in self.skus.items():
+            if state.held != held.get(sku, 0) or state.sold != sold.get(sku, 0):
+                raise InvariantViolation(f"{sku!r} counts disagree with its holds")
+            if state.held < 0 or state.sold < 0 or state.held + state.sold > state.stock:
+                raise InvariantViolation(f"{sku!r}: held {state.held} + sold {state.sold} > stock {state.stock}")
+            for buyer, count in state.buyer_units.items():
+                if count != units.get((sku, buyer), 0) or count > state.per_buyer_limit:
+                    raise InvariantViolation(f"{buyer!r} holds {count} units of {sku!r} against the limit")
+            if len(state.buyer_units) != sum(1 for (s, _) in units if s == sku):
+                raise InvariantViolation(f"{sku!r} forgets a buyer's units")
