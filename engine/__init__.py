@@ -1,10 +1,10 @@
 """soldout's engine: sharded stock-counter actors with a durable journal.
 
-    from engine import open_engine, EngineConfig
+from engine import open_engine, EngineConfig
 
-    async with open_engine(EngineConfig(shards=8, data_dir=None)) as engine:
-        await engine.put_sku("MI-BAND-1", stock=10_000, per_buyer_limit=1)
-        reply = await engine.reserve("MI-BAND-1", buyer="u42", qty=1, key="u42-1")
+async with open_engine(EngineConfig(shards=8, data_dir=None)) as engine:
+    await engine.put_sku("MI-BAND-1", stock=10_000, per_buyer_limit=1)
+    reply = await engine.reserve("MI-BAND-1", buyer="u42", qty=1, key="u42-1")
 """
 
 from engine.api import Engine, EngineClosed, EngineStatistics, SkuCounts, open_engine

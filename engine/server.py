@@ -1,0 +1,103 @@
+"""A soldout server process: the engine, its SKUs from the config, the gateway, metrics.
+
+`open_server(config)` runs one in-process (tests use it over real loopback sockets);
+`serve(config)` runs one until SIGINT or SIGTERM, then shuts down cleanly: stop
+accepting, answer what is in flight, commit, close, return.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from engine.api import Engine, open_engine
+from engine.gateway import ENDPOINT_PATH, Gateway
+from engine.metrics import GatewayMetrics
+from engine.server_config import ConfigError, ServerConfig
+
+log = logging.getLogger("soldout.server")
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    engine: Engine
+    gateway: Gateway
+    metrics: GatewayMetrics
+    host: str
+    port: int
+    metrics_port: int | None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{ENDPOINT_PATH}"
+
+
+async def put_configured_skus(engine: Engine, config: ServerConfig) -> None:
+    """Put every [[sku]] of the config (restock semantics); a refusal stops the start."""
+    for index, sku in enumerate(config.skus):
+        reply = await engine.put_sku(
+            sku.id,
+            stock=sku.stock,
+            per_buyer_limit=sku.per_buyer_limit,
+            hold_seconds=sku.hold_seconds,
+            opens_at=sku.opens_at,
+            closes_at=sku.closes_at,
+            registration_required=sku.registration_required,
+        )
+        if reply.status != "ok":
+            raise ConfigError(f"sku[{index}] ({sku.id!r}): {reply.error or reply.status}")
+
+
+@asynccontextmanager
+async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
+    config.check_bind_address()
+    metrics = GatewayMetrics()
+    async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
+        await put_configured_skus(engine, config)
+        gateway = Gateway(engine, config, metrics)
+        metrics_port = None
+        http_server = None
+        if config.metrics_port is not None:
+            http_server, _ = metrics.serve(config.host, config.metrics_port)
+            metrics_port = http_server.server_port
+        try:
+            refreshing = trio.CancelScope()
+
+            async def refresh_metrics() -> None:
+                with refreshing:
+                    await metrics.refresh_engine_view(engine)
+
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(gateway.serve)
+                nursery.start_soon(refresh_metrics)
+                try:
+                    yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port)
+                finally:
+                    # The gateway ends by itself once in-flight frames are answered.
+                    gateway.shutdown()
+                    refreshing.cancel()
+        finally:
+            if http_server is not None:
+                http_server.shutdown()
+                http_server.server_close()
+
+
+async def serve(config: ServerConfig, *, announce: bool = True) -> None:
+    """Run until SIGINT or SIGTERM; then shut down cleanly and return."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_server(config) as server:
+            if announce:
+                print(f"soldout serving {server.url}", flush=True)
+                if server.metrics_port is not None:
+                    print(f"metrics at http://{config.host}:{server.metrics_port}/metrics", flush=True)
+            async for received in signals:
+                log.info("received %s: shutting down", signal.Signals(received).name)
+                break
+    if announce:
+        print("soldout stopped", flush=True)

@@ -1,0 +1,266 @@
+"""The server's config file (TOML), read into a `ServerConfig`.
+
+Every key is checked: an unknown key, a wrong type or a bad value stops the start with
+a `ConfigError` that names the key (`sku[2].stock`, `limits.frame_bytes_max`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.config import EngineConfig
+from protocol.limits import Limits
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_METRICS_PORT = 9765
+
+
+class ConfigError(Exception):
+    """The config is not usable; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkuSettings:
+    id: str
+    stock: int
+    per_buyer_limit: int = 1
+    hold_seconds: float = 900
+    opens_at: float | None = None
+    closes_at: float | None = None
+    registration_required: bool = False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    frontend_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+    skus: tuple[SkuSettings, ...] = ()
+    # How long a shutdown waits for in-flight requests before closing connections anyway.
+    shutdown_grace_seconds: float = 10.0
+
+    @property
+    def limits(self) -> Limits:
+        return self.engine.limits
+
+    @property
+    def open_access(self) -> bool:
+        """No tokens: every connection is admitted with both roles (loopback only)."""
+        return not self.frontend_tokens and not self.admin_tokens
+
+    def check_bind_address(self) -> None:
+        if self.open_access and not is_loopback(self.host):
+            raise ConfigError(
+                f"server.host = {self.host!r} is not a loopback address and no tokens are configured: "
+                "set auth.frontend_tokens / auth.admin_tokens, or bind to 127.0.0.1"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_SECTIONS = {"server", "engine", "auth", "limits", "sku"}
+_SERVER_KEYS = {"host", "port", "metrics_port", "shutdown_grace_seconds"}
+_ENGINE_KEYS = {"shards", "data_dir", "durable", "snapshot_records_min"}
+_AUTH_KEYS = {"frontend_tokens", "admin_tokens"}
+_SKU_KEYS = {"id", "stock", "per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"}
+
+
+def load_server_config(path: str) -> ServerConfig:
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    return parse_server_config(document)
+
+
+def parse_server_config(document: dict[str, Any]) -> ServerConfig:
+    _no_unknown_keys(document, _SECTIONS, "")
+    server = _table(document, "server")
+    engine = _table(document, "engine")
+    auth = _table(document, "auth")
+    limits_table = _table(document, "limits")
+    _no_unknown_keys(server, _SERVER_KEYS, "server.")
+    _no_unknown_keys(engine, _ENGINE_KEYS, "engine.")
+    _no_unknown_keys(auth, _AUTH_KEYS, "auth.")
+    _no_unknown_keys(limits_table, set(Limits.field_names()), "limits.")
+
+    host = _get(server, "server.host", str, DEFAULT_HOST)
+    port = _port(server, "server.port", DEFAULT_PORT, allow_zero=True)
+    metrics_port = server.get("metrics_port", DEFAULT_METRICS_PORT)
+    if metrics_port is not None and metrics_port is not False:
+        metrics_port = _port(server, "server.metrics_port", DEFAULT_METRICS_PORT, allow_zero=True)
+    else:
+        metrics_port = None
+    grace = _get(server, "server.shutdown_grace_seconds", (int, float), 10.0)
+    if grace <= 0:
+        raise ConfigError("server.shutdown_grace_seconds must be above 0")
+
+    limits_values = {}
+    for name, value in limits_table.items():
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
+        limits_values[name] = value
+    limits = Limits(**limits_values)
+
+    shards = _get(engine, "engine.shards", int, 8)
+    if not 1 <= shards <= 1024:
+        raise ConfigError(f"engine.shards must be from 1 to 1024, got {shards}")
+    data_dir = _get(engine, "engine.data_dir", str, None)
+    if data_dir == "":
+        raise ConfigError("engine.data_dir must not be empty (omit it for memory only)")
+    durable = _get(engine, "engine.durable", bool, True)
+    snapshot_records_min = _get(engine, "engine.snapshot_records_min", int, 100_000)
+    if snapshot_records_min < 1:
+        raise ConfigError("engine.snapshot_records_min must be a positive integer")
+    engine_config = EngineConfig(
+        shards=shards,
+        data_dir=data_dir,
+        durable=durable,
+        limits=limits,
+        snapshot_records_min=snapshot_records_min,
+    )
+
+    frontend_tokens = _tokens(auth, "frontend_tokens")
+    admin_tokens = _tokens(auth, "admin_tokens")
+    shared = set(frontend_tokens) & set(admin_tokens)
+    if shared:
+        raise ConfigError("auth: a token is listed as both a frontend and an admin token")
+
+    skus = _skus(document.get("sku", []), limits)
+    config = ServerConfig(
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        engine=engine_config,
+        frontend_tokens=frontend_tokens,
+        admin_tokens=admin_tokens,
+        skus=skus,
+        shutdown_grace_seconds=float(grace),
+    )
+    config.check_bind_address()
+    return config
+
+
+def with_overrides(
+    config: ServerConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    shards: int | None = None,
+    data_dir: str | None = None,
+    metrics_port: int | None = None,
+) -> ServerConfig:
+    """Flags given on the command line win over the file; flags not given change nothing."""
+    engine = config.engine
+    if shards is not None:
+        if not 1 <= shards <= 1024:
+            raise ConfigError(f"--shards must be from 1 to 1024, got {shards}")
+        engine = replace(engine, shards=shards)
+    if data_dir is not None:
+        engine = replace(engine, data_dir=data_dir)
+    changed = replace(
+        config,
+        host=host if host is not None else config.host,
+        port=port if port is not None else config.port,
+        metrics_port=metrics_port if metrics_port is not None else config.metrics_port,
+        engine=engine,
+    )
+    changed.check_bind_address()
+    return changed
+
+
+def _table(document: dict[str, Any], name: str) -> dict[str, Any]:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name} must be a table")
+    return table
+
+
+def _no_unknown_keys(table: dict[str, Any], known: set[str], prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key} is not a known setting (known: {', '.join(sorted(known))})")
+
+
+def _get(table: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    key = name.rsplit(".", 1)[-1]
+    if key not in table:
+        return default
+    value = table[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a setting that wants a number must not take true.
+    if type(value) not in kinds:
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def _port(table: dict[str, Any], name: str, default: int, *, allow_zero: bool) -> int:
+    port = _get(table, name, int, default)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{name} must be a TCP port from 0 to 65535, got {port}")
+    return port
+
+
+def _tokens(auth: dict[str, Any], key: str) -> tuple[str, ...]:
+    tokens = auth.get(key, [])
+    if not isinstance(tokens, list) or not all(isinstance(token, str) and token for token in tokens):
+        raise ConfigError(f"auth.{key} must be a list of non-empty strings")
+    return tuple(tokens)
+
+
+def _skus(entries: Any, limits: Limits) -> tuple[SkuSettings, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError("sku must be an array of tables ([[sku]])")
+    skus = []
+    seen = set()
+    for index, entry in enumerate(entries):
+        prefix = f"sku[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{prefix} must be a table")
+        _no_unknown_keys(entry, _SKU_KEYS, prefix + ".")
+        if "id" not in entry:
+            raise ConfigError(f"{prefix}.id is required")
+        if "stock" not in entry:
+            raise ConfigError(f"{prefix}.stock is required")
+        sku_id = _get(entry, f"{prefix}.id", str, None)
+        if not sku_id or len(sku_id.encode()) > limits.string_bytes_max:
+            raise ConfigError(f"{prefix}.id must be 1 to {limits.string_bytes_max} bytes")
+        if sku_id in seen:
+            raise ConfigError(f"{prefix}.id {sku_id!r} appears twice")
+        seen.add(sku_id)
+        stock = _get(entry, f"{prefix}.stock", int, 0)
+        if not 0 <= stock <= limits.stock_max:
+            raise ConfigError(f"{prefix}.stock must be from 0 to {limits.stock_max}, got {stock}")
+        per_buyer_limit = _get(entry, f"{prefix}.per_buyer_limit", int, 1)
+        if per_buyer_limit < 1:
+            raise ConfigError(f"{prefix}.per_buyer_limit must be at least 1")
+        hold_seconds = _get(entry, f"{prefix}.hold_seconds", (int, float), 900)
+        if hold_seconds <= 0:
+            raise ConfigError(f"{prefix}.hold_seconds must be above 0")
+        opens_at = _get(entry, f"{prefix}.opens_at", (int, float), None)
+        closes_at = _get(entry, f"{prefix}.closes_at", (int, float), None)
+        if opens_at is not None and closes_at is not None and closes_at <= opens_at:
+            raise ConfigError(f"{prefix}.closes_at must be after {prefix}.opens_at")
+        registration_required = _get(entry, f"{prefix}.registration_required", bool, False)
+        skus.append(
+            SkuSettings(sku_id, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
+        )
+    return tuple(skus)
