@@ -31,6 +31,8 @@ from protocol.messages import (
     StockReply,
 )
 
+SKU_SHARD_CACHE_MAX = 100_000
+
 
 class EngineClosed(Exception):
     """The engine was used after its `open_engine` block ended."""
@@ -66,6 +68,7 @@ class Engine:
         self._shards = shards
         self._shard_count = len(shards)
         self._string_bytes_max = config.limits.string_bytes_max
+        self._sku_shards: dict[str, int] = {}
 
     # ------------------------------------------------------------ one command each
 
@@ -162,7 +165,18 @@ class Engine:
 
     def route(self, command: Command) -> int | AnyReply:
         """The shard that decides `command`, or the reply when no shard needs to see it."""
-        if type(command) is Confirm or type(command) is Cancel:
+        # The hot path: a reserve for a SKU already seen. Everything else takes the long way.
+        if type(command) is Reserve:
+            sku = command.sku
+            if type(sku) is str:
+                shard = self._sku_shards.get(sku)
+                if shard is not None:
+                    return shard
+        return self._route_checked(command)
+
+    def _route_checked(self, command: Command) -> int | AnyReply:
+        kind = type(command)
+        if kind is Confirm or kind is Cancel:
             error = name_error(command.reservation, "reservation", self._string_bytes_max) or name_error(
                 command.buyer, "buyer", self._string_bytes_max
             )
@@ -170,13 +184,18 @@ class Engine:
                 return Reply(INVALID, error=error)
             shard = shard_for_reservation(command.reservation, self._shard_count)
             return Reply(NOT_FOUND) if shard is None else shard
-        if type(command) not in (Reserve, Stock, PutSku, Register):
-            return Reply(INVALID, error=f"{type(command).__name__} is not a command")
+        if kind not in (Reserve, Stock, PutSku, Register):
+            return Reply(INVALID, error=f"{kind.__name__} is not a command")
         sku = command.sku
-        if type(sku) is not str or not sku:
-            error = name_error(sku, "sku", self._string_bytes_max) or "sku is not valid"
-            return StockReply(INVALID, error=error) if type(command) is Stock else Reply(INVALID, error=error)
-        return shard_for_sku(sku, self._shard_count)
+        error = name_error(sku, "sku", self._string_bytes_max)
+        if error:
+            return StockReply(INVALID, error=error) if kind is Stock else Reply(INVALID, error=error)
+        shard = shard_for_sku(sku, self._shard_count)
+        # Remember the shard of valid SKU names, up to a bound: names that are not
+        # SKUs (a client's typos, an attacker's noise) cannot grow memory without end.
+        if len(self._sku_shards) < SKU_SHARD_CACHE_MAX:
+            self._sku_shards[sku] = shard
+        return shard
 
     async def _hand_over(self, shard: int, ticket: Ticket, wait: bool) -> bool:
         if wait:

@@ -8,14 +8,15 @@ soldout demo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 
 import trio
 
+from engine.journal import JournalCorrupt
 from engine.server_config import ConfigError, ServerConfig, SkuSettings, load_server_config, with_overrides
+from engine.store import DataDirError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     stock.add_argument("sku")
     operations.add_parser("stats", help="the server's figures")
 
+    export = commands.add_parser("export", help="write every hold of a data directory as JSON lines")
+    export.add_argument("--data-dir", required=True)
+    export.add_argument("--output", default="-", help="file to write (default: standard output)")
+
     demo = commands.add_parser("demo", help="run a flash sale on the embedded engine and print its outcome")
     demo.add_argument("--units", type=int, default=10_000)
     demo.add_argument("--buyers", type=int, default=200_000)
@@ -68,9 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(run_admin, arguments)
         if arguments.command == "demo":
             return _demo(arguments)
+        if arguments.command == "export":
+            return _export(arguments)
     except ConfigError as error:
         print(f"soldout: config error: {error}", file=sys.stderr)
         return 2
+    except (DataDirError, JournalCorrupt) as error:
+        print(f"soldout: {error}", file=sys.stderr)
+        return 1
     return 2
 
 
@@ -108,8 +118,16 @@ def _demo(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
+def _export(arguments: argparse.Namespace) -> int:
+    from engine.export import export
+
+    if arguments.output == "-":
+        holds = export(arguments.data_dir, sys.stdout)
+    else:
+        with open(arguments.output, "w") as output:
+            holds = export(arguments.data_dir, output)
+    print(f"exported {holds} holds", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

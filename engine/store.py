@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -96,6 +97,11 @@ class DataDir:
         os.replace(temporary, meta_path)
         fsync_directory(self.path)
 
+    @staticmethod
+    def check_exists(path: str) -> None:
+        if not os.path.exists(os.path.join(path, META_FILE)):
+            raise DataDirError(f"{path} is not a soldout data directory: no {META_FILE}")
+
     def shard_directory(self, shard: int) -> str:
         return os.path.join(self.path, f"shard-{shard}")
 
@@ -164,6 +170,53 @@ def read_snapshot(path: str) -> dict[str, Any]:
     return msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=False)
 
 
+@dataclass
+class RebuiltBook:
+    book: Book
+    segment: int  # the segment new records go to
+    records_since_snapshot: int
+    torn_path: str | None = None  # the segment with a torn tail, if any
+    torn_offset: int = 0
+    torn_bytes: int = 0
+
+
+def rebuild_book(directory: str, shard: int, limits: Limits) -> RebuiltBook:
+    """Read a shard's snapshot and journal into a book, changing no file.
+
+    Used by recovery (which then cuts the torn tail) and by `soldout export`, which
+    may read the files of a running server: its torn tail is a commit in progress.
+    """
+    present = os.path.isdir(directory)
+    snapshots = _numbered(directory, _SNAPSHOT) if present else []
+    segment = 0
+    if snapshots:
+        segment = snapshots[-1]
+        book = Book.from_snapshot(read_snapshot(snapshot_path(directory, segment)), limits)
+        if book.shard != shard:
+            raise DataDirError(f"{directory} holds the snapshot of shard {book.shard}")
+    else:
+        book = Book(shard, limits)
+    rebuilt = RebuiltBook(book, segment, 0)
+    segments = [number for number in _numbered(directory, _SEGMENT) if number >= segment] if present else []
+    if segments and segments[0] != segment:
+        raise DataDirError(f"{directory}: journal segment {segment} is missing")
+    for position, number in enumerate(segments):
+        path = segment_path(directory, number)
+        result = read_entries(path)
+        for records in result.entries:
+            book.replay(records)
+            rebuilt.records_since_snapshot += len(records)
+        if result.torn_bytes:
+            if position != len(segments) - 1:
+                raise JournalCorrupt(path, result.valid_bytes, "torn entry in a segment that is not the last")
+            rebuilt.torn_path = path
+            rebuilt.torn_offset = result.valid_bytes
+            rebuilt.torn_bytes = result.torn_bytes
+        rebuilt.segment = number
+    book.check_invariants()
+    return rebuilt
+
+
 class ShardStore:
     """One shard's files: recovers its book, commits its batches, rolls snapshots."""
 
@@ -183,37 +236,19 @@ class ShardStore:
         raises JournalCorrupt naming the file and offset.
         """
         os.makedirs(self.directory, exist_ok=True)
-        snapshots = _numbered(self.directory, _SNAPSHOT)
-        if snapshots:
-            self.segment = snapshots[-1]
-            book = Book.from_snapshot(read_snapshot(snapshot_path(self.directory, self.segment)), self.limits)
-            if book.shard != self.shard:
-                raise DataDirError(f"{self.directory} holds the snapshot of shard {book.shard}")
-        else:
-            book = Book(self.shard, self.limits)
-        segments = [number for number in _numbered(self.directory, _SEGMENT) if number >= self.segment]
-        if segments and segments[0] != self.segment:
-            raise DataDirError(f"{self.directory}: journal segment {self.segment} is missing")
-        for position, number in enumerate(segments):
-            path = segment_path(self.directory, number)
-            result = read_entries(path)
-            for records in result.entries:
-                book.replay(records)
-                self.records_since_snapshot += len(records)
-            if result.torn_bytes:
-                if position != len(segments) - 1:
-                    raise JournalCorrupt(path, result.valid_bytes, "torn entry in a segment that is not the last")
-                log.warning(
-                    "journal %s: cutting off a torn tail of %d bytes at offset %d",
-                    path,
-                    result.torn_bytes,
-                    result.valid_bytes,
-                )
-                truncate(path, result.valid_bytes)
-            self.segment = number
-        book.check_invariants()
+        rebuilt = rebuild_book(self.directory, self.shard, self.limits)
+        if rebuilt.torn_path is not None:
+            log.warning(
+                "journal %s: cutting off a torn tail of %d bytes at offset %d",
+                rebuilt.torn_path,
+                rebuilt.torn_bytes,
+                rebuilt.torn_offset,
+            )
+            truncate(rebuilt.torn_path, rebuilt.torn_offset)
+        self.segment = rebuilt.segment
+        self.records_since_snapshot = rebuilt.records_since_snapshot
         self._writer = JournalWriter(segment_path(self.directory, self.segment), self.durable)
-        return book
+        return rebuilt.book
 
     def commit(self, records: list[Record]) -> None:
         """Append one batch's records as one entry; durable: on disk when this returns."""
