@@ -92,6 +92,11 @@ class Engine:
         if isinstance(buyers, (str, bytes)) or not isinstance(buyers, Iterable):
             return Reply(INVALID, error="buyers must be a list of buyer ids")
         buyers = list(buyers)
+        # Every name is checked before any part is sent, so a bad one registers no one.
+        for buyer in buyers:
+            error = name_error(buyer, "buyer", self._string_bytes_max)
+            if error:
+                return Reply(INVALID, error=error)
         size = self.config.limits.register_buyers_max
         commands = [Register(sku, buyers[start : start + size]) for start in range(0, len(buyers), size)]
         replies = await self.execute(commands or [Register(sku, [])])
@@ -259,10 +264,13 @@ async def open_engine(
     ]
     shards = [Shard(index, config, stores[index], commit_observer) for index in range(config.shards)]
     try:
+        # Recovery runs before any task starts, so a damaged journal or a wrong shard
+        # count surfaces as itself (JournalCorrupt, DataDirError), not inside a group.
+        for shard in shards:
+            await shard.recover()
         async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as starting:
-                for shard in shards:
-                    starting.start_soon(nursery.start, shard.run)
+            for shard in shards:
+                await nursery.start(shard.run)
             try:
                 yield Engine(config, shards)
             finally:

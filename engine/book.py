@@ -81,13 +81,18 @@ def name_error(value: object, what: str, string_bytes_max: int) -> str | None:
     """Why `value` is not a valid SKU, buyer, key or reservation id; None when it is."""
     if type(value) is not str:
         return f"{what} must be a string"
-    length = len(value)
-    if length == 0:
+    if value.isascii():  # O(1) in CPython: one byte per character, nothing to encode
+        if 0 < len(value) <= string_bytes_max:
+            return None
+    elif value:
+        try:
+            if len(value.encode("utf-8")) <= string_bytes_max:
+                return None
+        except UnicodeEncodeError:
+            return f"{what} is not valid Unicode text (it has a lone surrogate)"
+    if not value:
         return f"{what} must not be empty"
-    # A str of n characters encodes to at most 4n UTF-8 bytes: encode only when it matters.
-    if length * 4 > string_bytes_max and len(value.encode("utf-8", "surrogatepass")) > string_bytes_max:
-        return f"{what} is longer than {string_bytes_max} bytes"
-    return None
+    return f"{what} is longer than {string_bytes_max} bytes"
 
 
 def _is_time(value: object) -> bool:
@@ -256,17 +261,17 @@ class Book:
         limits = self.limits
         string_bytes_max = limits.string_bytes_max
         # invalid
-        if type(sku) is not str or not 0 < len(sku) <= string_bytes_max // 4:
+        if type(sku) is not str or not sku.isascii() or not 0 < len(sku) <= string_bytes_max:
             error = name_error(sku, "sku", string_bytes_max)
             if error:
                 return invalid(error)
-        if type(buyer) is not str or not 0 < len(buyer) <= string_bytes_max // 4:
+        if type(buyer) is not str or not buyer.isascii() or not 0 < len(buyer) <= string_bytes_max:
             error = name_error(buyer, "buyer", string_bytes_max)
             if error:
                 return invalid(error)
         if type(qty) is not int or not 0 < qty <= limits.qty_max:
             return invalid(f"qty must be an integer from 1 to {limits.qty_max}")
-        if key is not None and (type(key) is not str or not 0 < len(key) <= string_bytes_max // 4):
+        if key is not None and (type(key) is not str or not key.isascii() or not 0 < len(key) <= string_bytes_max):
             error = name_error(key, "key", string_bytes_max)
             if error:
                 return invalid(error)

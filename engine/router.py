@@ -12,7 +12,7 @@ from engine.book import parse_reservation
 
 
 def shard_for_sku(sku: str, shards: int) -> int:
-    return zlib.crc32(sku.encode("utf-8", "surrogatepass")) % shards
+    return zlib.crc32(sku.encode("utf-8")) % shards
 
 
 def shard_for_reservation(reservation: str, shards: int) -> int | None:

@@ -76,10 +76,13 @@ class Shard:
         self._commit_seconds = 0.0
         self._snapshots = 0
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Recover the book, report started, then serve the mailbox until it is closed."""
+    async def recover(self) -> None:
+        """Rebuild the book from the shard's files (a worker thread reads them)."""
         if self.store is not None:
             self.book = await trio.to_thread.run_sync(self.store.recover)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the recovered book: report started, then serve the mailbox until it is closed."""
         # Holds whose time ran out while the process was down end now, journaled.
         records: list[Record] = []
         self.book.expire_due(self._wall_clock(), records)
