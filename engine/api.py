@@ -122,8 +122,7 @@ class Engine:
             return shard
         ticket = Ticket((command,))
         await self._send(shard, ticket)
-        await ticket.done.wait()
-        return ticket.replies[0]
+        return (await ticket.wait())[0]
 
     # ------------------------------------------------------------ batches
 
@@ -145,8 +144,7 @@ class Engine:
             ticket = Ticket(commands)
             if not await self._hand_over(first, ticket, wait):
                 return [_busy(command) for command in commands]
-            await ticket.done.wait()
-            return ticket.replies
+            return await ticket.wait()
         replies: list[AnyReply | None] = [None] * count
         positions: dict[int, list[int]] = {}
         for position, target in enumerate(targets):
@@ -163,8 +161,7 @@ class Engine:
                 for position in shard_positions:
                     replies[position] = _busy(commands[position])
         for ticket, shard_positions in handed:
-            await ticket.done.wait()
-            for position, reply in zip(shard_positions, ticket.replies, strict=True):
+            for position, reply in zip(shard_positions, await ticket.wait(), strict=True):
                 replies[position] = reply
         return replies  # type: ignore[return-value]
 
@@ -215,8 +212,14 @@ class Engine:
         return True
 
     async def _send(self, shard: int, ticket: Ticket) -> None:
+        mailbox = self._shards[shard].mailbox
         try:
-            await self._shards[shard].mailbox.send(ticket)
+            # Without waiting when there is room (the caller checkpoints while it waits
+            # for the reply anyway); with trio's backpressure when the mailbox is full.
+            try:
+                mailbox.send_nowait(ticket)
+            except trio.WouldBlock:
+                await mailbox.send(ticket)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise EngineClosed("the engine is closed") from None
 
