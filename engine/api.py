@@ -271,14 +271,20 @@ async def open_engine(
         # count surfaces as itself (JournalCorrupt, DataDirError), not inside a group.
         for shard in shards:
             await shard.recover()
+        body_error: Exception | None = None
         async with trio.open_nursery() as nursery:
             for shard in shards:
                 await nursery.start(shard.run)
             try:
                 yield Engine(config, shards)
+            except Exception as error:
+                body_error = error
             finally:
                 for shard in shards:
                     shard.mailbox.close()
+        if body_error is not None:
+            # The caller's own exception leaves as itself, not inside the nursery's group.
+            raise body_error
     finally:
         for store in stores:
             if store is not None:

@@ -73,15 +73,21 @@ async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
                 with refreshing:
                     await metrics.refresh_engine_view(engine)
 
+            body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(gateway.serve)
                 nursery.start_soon(refresh_metrics)
                 try:
                     yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port)
+                except Exception as error:
+                    body_error = error
                 finally:
                     # The gateway ends by itself once in-flight frames are answered.
                     gateway.shutdown()
                     refreshing.cancel()
+            if body_error is not None:
+                # The caller's own exception leaves as itself, not inside the nursery's group.
+                raise body_error
         finally:
             if http_server is not None:
                 http_server.shutdown()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,7 +27,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from protocol.codec import ClientCodec, RemoteProtocolError, reply_from_map, request_map
@@ -49,6 +50,33 @@ log = logging.getLogger("soldout.client")
 
 class ClientError(Exception):
     """The client cannot reach a usable server: refused, unreachable, or closed."""
+
+
+class _EndWatchingStream(trio.abc.Stream):
+    """A stream that sets `ended` when the peer closes it or it breaks."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class _Call:
@@ -74,9 +102,19 @@ class Client:
         inflight_requests_max: int = 10_000,
         reconnect_attempts: int = 20,
         reconnect_delay_seconds: float = 0.05,
+        connect_timeout_seconds: float = 10.0,
         limits: Limits | None = None,
     ) -> None:
         self.url = url
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"a soldout url looks like ws://HOST:PORT/v1, not {url!r}")
+        self._use_tls = parts.scheme == "wss"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._use_tls else 80)
+        self._host_header = parts.netloc
+        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._connect_timeout_seconds = connect_timeout_seconds
         self._headers = [("Authorization", f"Bearer {token}")] if token else []
         self._batch_requests_max = batch_requests_max
         self._reconnect_attempts = reconnect_attempts
@@ -86,8 +124,6 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Call] = {}
         self._queue_send, self._queue_receive = trio.open_memory_channel[_Call](inflight_requests_max)
-        self._connected = trio.Event()
-        self._closed = False
         self._failure: BaseException | None = None
         self.reconnects = 0
 
@@ -134,42 +170,48 @@ class Client:
 
     async def call(self, command: Command) -> AnyReply:
         """Send one command and wait for its reply (batched with concurrent calls)."""
-        if type(command) is Reserve and command.key is None:
-            command = Reserve(command.sku, command.buyer, command.qty, uuid.uuid4().hex)
-        fields = request_map(0, command)
-        op = fields.pop("op")
-        fields.pop("id")
-        reply = await self._roundtrip(op, fields)
-        return reply_from_map(op, reply)
+        return (await self.execute((command,)))[0]
 
     async def execute(self, commands: Sequence[Command]) -> list[AnyReply]:
-        """Send many commands at once; replies in order."""
-        replies: list[AnyReply | None] = [None] * len(commands)
-
-        async def one(position: int, command: Command) -> None:
-            replies[position] = await self.call(command)
-
-        async with trio.open_nursery() as nursery:
-            for position, command in enumerate(commands):
-                nursery.start_soon(one, position, command)
-        return replies  # type: ignore[return-value]
+        """Send many commands at once, in the order given (so one shard decides them in
+        that order); replies in the same order."""
+        calls: list[_Call] = []
+        try:
+            for command in commands:
+                if type(command) is Reserve and command.key is None:
+                    command = Reserve(command.sku, command.buyer, command.qty, uuid.uuid4().hex)
+                request = request_map(0, command)
+                calls.append(await self._submit(request.pop("op"), request))
+            return [reply_from_map(call.op, await self._collect(call)) for call in calls]
+        finally:
+            for call in calls:
+                self._pending.pop(call.request["id"], None)
 
     async def _roundtrip(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        call = await self._submit(op, fields)
+        try:
+            return await self._collect(call)
+        finally:
+            self._pending.pop(call.request["id"], None)
+
+    async def _submit(self, op: str, fields: dict[str, Any]) -> _Call:
+        """Queue one request for the sender; calls queued one after another go in that order."""
         if self._failure is not None:
             raise ClientError(f"connection to {self.url} failed: {self._failure}") from self._failure
-        if self._closed:
-            raise ClientError("the client is closed")
         request_id = next(self._ids)
-        request = {"id": request_id, "op": op, **fields}
-        call = _Call(op, request)
+        call = _Call(op, {**fields, "id": request_id, "op": op})
         self._pending[request_id] = call
         try:
             await self._queue_send.send(call)
-            await call.done.wait()
-        finally:
+        except BaseException:
             self._pending.pop(request_id, None)
+            raise
+        return call
+
+    async def _collect(self, call: _Call) -> dict[str, Any]:
+        await call.done.wait()
         if isinstance(call.reply, BaseException):
-            raise ClientError(f"connection to {self.url} failed: {call.reply}") from call.reply
+            raise ClientError(f"{self.url}: {call.reply}") from call.reply
         assert call.reply is not None
         return call.reply
 
@@ -179,40 +221,97 @@ class Client:
         """Keep a connection up, reconnecting and resending, until cancelled."""
         started = False
         failures = 0
+
+        def connected() -> None:
+            nonlocal started, failures
+            failures = 0
+            if started:
+                self.reconnects += 1
+            else:
+                started = True
+                task_status.started()
+
         while True:
+            error = await self._connect_and_serve(connected)
+            if error is None:
+                continue  # the connection closed: connect again at once
+            if isinstance(error, ConnectionRejected):
+                failure = ClientError(f"{self.url} refused the connection: HTTP {error.status_code}")
+            else:
+                failures += 1
+                if failures <= self._reconnect_attempts:
+                    await trio.sleep(self._reconnect_delay_seconds * min(failures, 20))
+                    continue
+                failure = ClientError(f"cannot connect to {self.url}: {error}")
+            # Every waiting call hears why; `open_client` raises it if it never connected.
+            self._fail(failure)
+            if not started:
+                task_status.started()
+            return
+
+    async def _connect_and_serve(self, connected: Callable[[], None]) -> BaseException | None:
+        """One connection, from handshake to close; the error when it could not be made."""
+        error: BaseException | None = None
+        # trio-websocket reports a refused handshake from its own reader task too, so
+        # the refusal may arrive inside an exception group.
+        try:
             async with trio.open_nursery() as connection_nursery:
+                websocket = await self._handshake(connection_nursery)
+                connected()
                 try:
-                    websocket = await connect_websocket_url(
+                    await self._serve_connection(websocket)
+                finally:
+                    # Leave nothing open behind us, even when we are being cancelled.
+                    with trio.CancelScope(shield=True), trio.move_on_after(self._connect_timeout_seconds):
+                        await websocket.aclose()
+                connection_nursery.cancel_scope.cancel()
+        except* ConnectionRejected as group:
+            error = group.exceptions[0]
+        except* (OSError, HandshakeError, trio.TooSlowError) as group:
+            error = group.exceptions[0]
+        return error
+
+    async def _handshake(self, connection_nursery: trio.Nursery) -> WebSocketConnection:
+        """Open TCP and upgrade it, failing fast when the peer hangs up mid-handshake.
+
+        trio-websocket waits for the handshake until a timeout when the peer closes
+        the TCP connection first (a load balancer in front of a restarting server
+        does that), so the stream is watched for its end while the upgrade runs.
+        """
+        with trio.fail_after(self._connect_timeout_seconds):
+            if self._use_tls:
+                tcp: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    self._host, self._port, https_compatible=True
+                )
+            else:
+                tcp = await trio.open_tcp_stream(self._host, self._port)
+            stream = _EndWatchingStream(tcp)
+            websocket: WebSocketConnection | None = None
+            async with trio.open_nursery() as race:
+
+                async def upgrade() -> None:
+                    nonlocal websocket
+                    websocket = await wrap_client_stream(
                         connection_nursery,
-                        self.url,
+                        stream,  # type: ignore[arg-type]
+                        self._host_header,
+                        self._resource,
                         extra_headers=self._headers,
                         message_queue_size=16,
                         max_message_size=self._limits.frame_bytes_max * 4,
                     )
-                except ConnectionRejected as error:
-                    failure = ClientError(f"{self.url} refused the connection: HTTP {error.status_code}")
-                except (OSError, HandshakeError) as error:
-                    failures += 1
-                    if failures <= self._reconnect_attempts:
-                        await trio.sleep(self._reconnect_delay_seconds * min(failures, 20))
-                        continue
-                    failure = ClientError(f"cannot connect to {self.url}: {error}")
-                else:
-                    failure = None
-                if failure is not None:
-                    # Every waiting call hears why; a client that never connected raises it.
-                    self._fail(failure)
-                    if not started:
-                        raise failure
-                    return
-                failures = 0
-                if not started:
-                    task_status.started()
-                    started = True
-                else:
-                    self.reconnects += 1
-                await self._serve_connection(websocket)
-                connection_nursery.cancel_scope.cancel()
+                    race.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await stream.ended.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(upgrade)
+                race.start_soon(watch)
+        if websocket is None:
+            await tcp.aclose()
+            raise HandshakeError(f"{self.url} closed the connection during the handshake")
+        return websocket
 
     async def _serve_connection(self, websocket: WebSocketConnection) -> None:
         # Everything unanswered goes again first, in the order it was asked.
@@ -270,10 +369,28 @@ class Client:
                 log.warning("unreadable frame from %s: %s", self.url, error)
                 continue
             for reply in replies:
-                call = pending.get(reply.get("id"))  # type: ignore[arg-type]
+                request_id = reply.get("id")
+                if request_id is None:
+                    # The server refused a whole frame (not msgpack, or a batch over its
+                    # bound): it cannot say which, so every request sent and unanswered
+                    # hears it rather than wait for a reply that will never come.
+                    self._refuse_sent_calls(ClientError(f"the server refused a frame: {reply.get('error')}"))
+                    continue
+                call = pending.get(request_id)
                 if call is not None and not call.done.is_set():
                     call.reply = reply
                     call.done.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the client gave up (refused, unreachable, closed), or None while it is up."""
+        return self._failure
+
+    def _refuse_sent_calls(self, error: BaseException) -> None:
+        for call in list(self._pending.values()):
+            if call.sent and not call.done.is_set():
+                call.reply = error
+                call.done.set()
 
     def _fail(self, error: BaseException) -> None:
         self._failure = error
@@ -283,7 +400,6 @@ class Client:
                 call.done.set()
 
     def close(self) -> None:
-        self._closed = True
         self._fail(ClientError("the client is closed"))
 
 
@@ -304,10 +420,20 @@ async def open_client(
         inflight_requests_max=inflight_requests_max,
         reconnect_attempts=reconnect_attempts,
     )
+    body_error: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
-        try:
-            yield client
-        finally:
-            client.close()
-            nursery.cancel_scope.cancel()
+        never_connected = client.failure
+        if never_connected is None:
+            try:
+                yield client
+            except Exception as error:
+                body_error = error
+            finally:
+                client.close()
+                nursery.cancel_scope.cancel()
+    if never_connected is not None:
+        raise never_connected
+    if body_error is not None:
+        # The caller's own exception leaves as itself, not inside the nursery's group.
+        raise body_error
