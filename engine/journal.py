@@ -81,6 +81,9 @@ def _scan(data: bytes) -> Iterator[tuple[int, bytes | str]]:
             yield offset, "bad magic"
             return
         end = offset + HEADER_BYTES + length
+        if length == 0:
+            yield offset, "empty entry"  # encode_entry never writes one: zeros where a header was
+            return
         if length > ENTRY_BYTES_MAX or end > size:
             yield offset, "entry runs past the end of the file"
             return
@@ -93,17 +96,28 @@ def _scan(data: bytes) -> Iterator[tuple[int, bytes | str]]:
 
 
 def _is_tail(data: bytes, offset: int, reason: str) -> bool:
-    """Whether the bad entry at `offset` is what a crash mid-append leaves behind."""
+    """Whether the bad entry at `offset` is what a crash mid-append leaves behind.
+
+    A crash keeps a prefix of the last write, and the file system may have grown the
+    file with zeros past it. So the bad entry is a torn tail when everything after
+    the part of it that could have been written is zeros; anything else after it is
+    corruption, which no crash explains.
+    """
     if reason in ("incomplete header", "entry runs past the end of the file"):
         return True
-    rest = data[offset:]
-    if not rest.strip(b"\x00"):
-        return True  # the file system extended the file, the data never reached disk
-    if reason == "checksum mismatch":
-        # A torn last entry: its header made it, part of its payload did not.
-        _, length, _ = HEADER.unpack_from(data, offset)
-        return offset + HEADER_BYTES + length == len(data)
-    return False
+    if reason == "bad magic":
+        kept = 0
+        while kept < len(MAGIC) and offset + kept < len(data) and data[offset + kept] == MAGIC[kept]:
+            kept += 1
+        return _only_zeros_from(data, offset + kept)
+    # An empty entry or a checksum mismatch: the header made it, the payload did not
+    # (all of it); zeros may follow where the declared payload ends.
+    _, length, _ = HEADER.unpack_from(data, offset)
+    return _only_zeros_from(data, offset + HEADER_BYTES + length)
+
+
+def _only_zeros_from(data: bytes, start: int) -> bool:
+    return not data[start:].strip(b"\x00")
 
 
 class JournalWriter:
