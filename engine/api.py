@@ -4,6 +4,7 @@ the CLI all use. It routes each command to its shard and waits for the reply.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -213,6 +214,8 @@ class Engine:
 
     async def _send(self, shard: int, ticket: Ticket) -> None:
         mailbox = self._shards[shard].mailbox
+        # A caller already cancelled hands nothing over: a command in the mailbox is decided.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             # Without waiting when there is room (the caller checkpoints while it waits
             # for the reply anyway); with trio's backpressure when the mailbox is full.
@@ -269,8 +272,16 @@ async def open_engine(
     try:
         # Recovery runs before any task starts, so a damaged journal or a wrong shard
         # count surfaces as itself (JournalCorrupt, DataDirError), not inside a group.
-        for shard in shards:
-            await shard.recover()
+        # Recovery builds millions of objects and no garbage: the collector would only
+        # walk them again and again (it took most of the reopen time of 1M holds).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for shard in shards:
+                await shard.recover()
+        finally:
+            if collecting:
+                gc.enable()
         body_error: Exception | None = None
         async with trio.open_nursery() as nursery:
             for shard in shards:

@@ -571,17 +571,20 @@ class Book:
         """Recount everything from the holds and compare: raises InvariantViolation."""
         held: dict[str, int] = {}
         sold: dict[str, int] = {}
-        units: dict[tuple[str, str], int] = {}
+        units: dict[str, dict[str, int]] = {sku: {} for sku in self.skus}
         for number, hold in self.holds.items():
             if number != hold.number or number > self.last_hold_number:
                 raise InvariantViolation(f"hold {number} is filed under the wrong number")
             sku = hold.sku.sku
+            if self.skus.get(sku) is not hold.sku:
+                raise InvariantViolation(f"hold {number} names a SKU the book does not hold")
             if hold.state == HELD:
                 held[sku] = held.get(sku, 0) + hold.qty
             elif hold.state == CONFIRMED:
                 sold[sku] = sold.get(sku, 0) + hold.qty
             if hold.state in (HELD, CONFIRMED):
-                units[sku, hold.buyer] = units.get((sku, hold.buyer), 0) + hold.qty
+                buyer_units = units[sku]
+                buyer_units[hold.buyer] = buyer_units.get(hold.buyer, 0) + hold.qty
             if hold.key is not None and hold.sku.keys.get(hold.key) != number:
                 raise InvariantViolation(f"key {hold.key!r} of hold {number} is not remembered")
         for sku, state in self.skus.items():
@@ -589,8 +592,11 @@ class Book:
                 raise InvariantViolation(f"{sku!r} counts disagree with its holds")
             if state.held < 0 or state.sold < 0 or state.held + state.sold > state.stock:
                 raise InvariantViolation(f"{sku!r}: held {state.held} + sold {state.sold} > stock {state.stock}")
-            for buyer, count in state.buyer_units.items():
-                if count != units.get((sku, buyer), 0) or count > state.per_buyer_limit:
-                    raise InvariantViolation(f"{buyer!r} holds {count} units of {sku!r} against the limit")
-            if len(state.buyer_units) != sum(1 for (s, _) in units if s == sku):
+            if state.buyer_units != units[sku]:
+                for buyer, count in state.buyer_units.items():
+                    if count != units[sku].get(buyer, 0):
+                        raise InvariantViolation(f"{buyer!r} holds {count} units of {sku!r} against the limit")
                 raise InvariantViolation(f"{sku!r} forgets a buyer's units")
+            most = max(state.buyer_units.values(), default=0)
+            if most > state.per_buyer_limit:
+                raise InvariantViolation(f"a buyer holds {most} units of {sku!r}, over the limit")

@@ -148,8 +148,17 @@ class Shard:
                     commands += len(ticket.commands)
             now = wall_clock()
             records: list[Record] = []
-            if tickets:
-                replies = [book.execute(ticket.commands, now, records) for ticket in tickets]
+            if len(tickets) == 1:
+                replies = [book.execute(tickets[0].commands, now, records)]
+            elif tickets:
+                # One call for the whole batch, then each ticket takes its share.
+                decided = book.execute([c for ticket in tickets for c in ticket.commands], now, records)
+                replies = []
+                start = 0
+                for ticket in tickets:
+                    end = start + len(ticket.commands)
+                    replies.append(decided[start:end])
+                    start = end
             else:
                 replies = []
                 book.expire_due(now, records)
