@@ -27,9 +27,11 @@ redis-server:
 		(service redis-server stop || true) >/dev/null 2>&1; }
 
 bench-peer: $(STAMP) redis-server
+	$(BIN)/soldout bench flash --spawn --durable --peer redis
+	$(BIN)/soldout bench catalog --spawn --durable --peer redis
 
 demo: $(STAMP)
-	$(BIN)/soldout demo
+	$(BIN)/soldout bench flash --spawn --memory
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

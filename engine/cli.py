@@ -22,6 +22,7 @@ from engine.store import DataDirError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soldout", description="A flash-sale reservation engine.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("bench", help="run a flash crowd against a server (soldout bench --help)", add_help=False)
 
     serve = commands.add_parser("serve", help="run a soldout server until SIGINT/SIGTERM")
     serve.add_argument("--config", help="TOML config file; flags below override it")
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # The bench has its own parser: its flags pass through untouched.
+        from bench.flash import main as bench_main
+
+        return bench_main(argv[1:])
     arguments = build_parser().parse_args(argv)
     try:
         if arguments.command == "serve":

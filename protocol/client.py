@@ -47,6 +47,8 @@ from protocol.messages import (
 
 log = logging.getLogger("soldout.client")
 
+CLOSE_TIMEOUT_SECONDS = 2.0
+
 
 class ClientError(Exception):
     """The client cannot reach a usable server: refused, unreachable, or closed."""
@@ -125,6 +127,7 @@ class Client:
         self._pending: dict[int, _Call] = {}
         self._queue_send, self._queue_receive = trio.open_memory_channel[_Call](inflight_requests_max)
         self._failure: BaseException | None = None
+        self._closing = trio.Event()
         self.reconnects = 0
 
     # ---------------------------------------------------------------- operations
@@ -202,7 +205,12 @@ class Client:
         call = _Call(op, {**fields, "id": request_id, "op": op})
         self._pending[request_id] = call
         try:
-            await self._queue_send.send(call)
+            # Without yielding while the queue has room, so the calls of one `execute`
+            # are all queued before the sender wakes and they leave in few frames.
+            try:
+                self._queue_send.send_nowait(call)
+            except trio.WouldBlock:
+                await self._queue_send.send(call)
         except BaseException:
             self._pending.pop(request_id, None)
             raise
@@ -231,8 +239,10 @@ class Client:
                 started = True
                 task_status.started()
 
-        while True:
+        while not self._closing.is_set():
             error = await self._connect_and_serve(connected)
+            if self._closing.is_set():
+                return
             if error is None:
                 continue  # the connection closed: connect again at once
             if isinstance(error, ConnectionRejected):
@@ -261,8 +271,9 @@ class Client:
                 try:
                     await self._serve_connection(websocket)
                 finally:
-                    # Leave nothing open behind us, even when we are being cancelled.
-                    with trio.CancelScope(shield=True), trio.move_on_after(self._connect_timeout_seconds):
+                    # The close handshake needs the connection's reader, which lives in
+                    # `connection_nursery`, so it runs before that nursery is cancelled.
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
                         await websocket.aclose()
                 connection_nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
@@ -323,7 +334,13 @@ class Client:
         except ConnectionClosed:
             return
         async with trio.open_nursery() as nursery:
+
+            async def stop_when_closing() -> None:
+                await self._closing.wait()
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(self._send_loop, websocket)
+            nursery.start_soon(stop_when_closing)
             await self._read_loop(websocket)
             nursery.cancel_scope.cancel()
 
@@ -331,17 +348,22 @@ class Client:
         receive = self._queue_receive
         batch_max = self._batch_requests_max
         while True:
-            calls = [await receive.receive()]
+            first = await receive.receive()
+            # From the moment a call leaves the queue it counts as sent: if this
+            # connection dies before the frame goes, the next one sends it again.
+            first.sent = True
+            # One scheduling round lets every caller that is ready now queue its call,
+            # so concurrent calls leave together in one frame.
+            await trio.lowlevel.checkpoint()
+            calls = [first]
             while len(calls) < batch_max:
                 try:
-                    calls.append(receive.receive_nowait())
+                    call = receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-            requests = []
-            for call in calls:
-                if not call.done.is_set():
-                    call.sent = True
-                    requests.append(call.request)
+                call.sent = True
+                calls.append(call)
+            requests = [call.request for call in calls if not call.done.is_set()]
             if not requests:
                 continue
             payload = (
@@ -400,7 +422,9 @@ class Client:
                 call.done.set()
 
     def close(self) -> None:
+        """Stop: waiting calls raise ClientError, the connection closes with a handshake."""
         self._fail(ClientError("the client is closed"))
+        self._closing.set()
 
 
 @asynccontextmanager
@@ -431,7 +455,9 @@ async def open_client(
                 body_error = error
             finally:
                 client.close()
-                nursery.cancel_scope.cancel()
+                # The connection closes by itself; a server that does not answer the
+                # close handshake is not waited on for long.
+                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_SECONDS
     if never_connected is not None:
         raise never_connected
     if body_error is not None:

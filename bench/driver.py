@@ -1,0 +1,614 @@
+"""Load-driver processes: each drives its share of the crowd over its share of connections.
+
+The parent (bench/flash.py) starts the drivers with multiprocessing's 'spawn' context.
+Each one rebuilds the scenario's plan (deterministic for the seed), takes its buyers,
+opens its connections, says it is ready, waits for the start time the parent gives
+every driver, drives, and sends back a `DriverResult`: replies by status, an HDR
+latency histogram (encoded, so the parent can merge them), a timeline, and every `ok`
+hold it was given, which the end checks need.
+
+`ConnectionWork` is the driving logic without I/O: which batch goes next (winners'
+follow-ups and `busy` retries first, then the crowd, on schedule in open loop, within
+the in-flight window) and what each answer means. The soldout transport below (trio,
+trio-websocket, msgpack frames) and the Redis one in bench/redis_peer.py (asyncio,
+redis-py, EVALSHA pipelines) are thin loops around it, so both peers are driven the
+same way: same buyers, same batches, same connections, same window.
+
+Latency is measured per request from its *intended* send time: in open loop the
+schedule's time, so a server that falls behind is charged for the wait
+(no coordinated omission); in closed loop the moment the batch was handed to the socket.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from hdrh.histogram import HdrHistogram
+
+from bench.scenarios import CANCEL, CONFIRM, Plan, Scenario, buyer_name, idempotency_key
+
+RESERVE_OP = "reserve"
+CONFIRM_OP = "confirm"
+CANCEL_OP = "cancel"
+FOLLOW_UP_OPS = {CONFIRM: CONFIRM_OP, CANCEL: CANCEL_OP}
+OK = "ok"
+BUSY = "busy"
+# A reply the transport could not read as a reply (a Redis script error, say).
+ERROR = "error"
+
+LATENCY_LOWEST_MICROSECONDS = 1
+LATENCY_HIGHEST_MICROSECONDS = 300_000_000
+LATENCY_SIGNIFICANT_FIGURES = 3
+BUCKET_SECONDS = 0.1
+# After the duration cap, how long requests already in flight may take to be answered.
+ANSWER_GRACE_SECONDS = 30.0
+# How long a driver waits for the parent's start signal before giving up.
+START_WAIT_SECONDS = 300.0
+FRAME_BYTES_MAX = 64 * 1024 * 1024
+
+# Per driver process, these counters in a shared array feed the live progress line.
+PROGRESS_FIELDS = ("sent", "answered", "won", "sold")
+
+# (op, buyer number, SKU index, reservation or None)
+Item = tuple[str, int, int, str | None]
+# (status, reservation or None, remaining or None)
+Answer = tuple[str, str | None, int | None]
+Encoder = Callable[[Sequence[Item], int], bytes]
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LATENCY_LOWEST_MICROSECONDS, LATENCY_HIGHEST_MICROSECONDS, LATENCY_SIGNIFICANT_FIGURES)
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    target: str  # "soldout" or "redis"
+    url: str
+    token: str | None
+    scenario: Scenario
+    index: int
+    buyers: range
+    connections: int
+    batch: int
+    inflight: int
+    # Requests per second per connection in open loop; None for closed loop.
+    rate_per_connection: float | None
+    duration_seconds: float | None
+    # This driver's first connection among all drivers' connections, and how many there are:
+    # in open loop each connection's schedule is shifted by its share of the interval,
+    # so the crowd arrives evenly instead of in bursts of one batch per connection.
+    connection_offset: int = 0
+    connections_total: int = 1
+    # Redis only: the loaded script and the run's key prefix.
+    script_sha: str = ""
+    redis_prefix: str = ""
+
+
+@dataclass
+class DriverResult:
+    index: int
+    statuses: dict[str, dict[str, int]]
+    histogram: bytes
+    answered_per_bucket: list[int]
+    # Units taken by ok reserves minus units given back by ok cancels, per bucket.
+    held_per_bucket: list[int]
+    # Per bucket, the fewest units left that an ok reserve of the first SKU reported:
+    # the units left as the server saw them, units given back by expiry included.
+    remaining_per_bucket: list[int | None]
+    first_send_at: float | None
+    last_answer_at: float | None
+    # When the last buyer of this driver got a final answer to its reserve.
+    crowd_answered_at: float | None
+    # SKU index -> the first answer that reported no units left.
+    sold_out_at: dict[int, float]
+    # (SKU index, buyer number, reservation) of every ok reserve.
+    holds: list[tuple[int, int, str]]
+    # SKU index -> units confirmed / cancelled by ok replies.
+    confirmed: dict[int, int]
+    cancelled: dict[int, int]
+    sent: int
+    crowd_buyers: int
+    crowd_answered: int
+    busy_retries: int
+    unanswered: int = 0
+    # Crowd buyers never sent because the duration cap came first.
+    unsent_buyers: int = 0
+    # CPU seconds this driver process spent from the start to its last answer.
+    cpu_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class Tally:
+    """What one driver process saw, over all its connections."""
+
+    def __init__(self, start_at: float, progress: Any = None, progress_base: int = 0) -> None:
+        self.start_at = start_at
+        self.histogram = new_histogram()
+        self.statuses: dict[str, dict[str, int]] = {RESERVE_OP: {}, CONFIRM_OP: {}, CANCEL_OP: {}}
+        self.answered_per_bucket: list[int] = []
+        self.held_per_bucket: list[int] = []
+        # Per bucket, the fewest units left that an ok reserve of the first SKU reported.
+        self.remaining_per_bucket: list[int | None] = []
+        self.first_send_at: float | None = None
+        self.last_answer_at: float | None = None
+        self.crowd_answered_at: float | None = None
+        self.sold_out_at: dict[int, float] = {}
+        self.holds: list[tuple[int, int, str]] = []
+        self.confirmed: dict[int, int] = {}
+        self.cancelled: dict[int, int] = {}
+        self.sent = 0
+        self.answered = 0
+        self.won = 0
+        self.sold = 0
+        self.crowd_buyers = 0
+        self.crowd_answered = 0
+        self.busy_retries = 0
+        self.unanswered = 0
+        self.unsent_buyers = 0
+        self.cpu_started_at: float | None = None
+        self.cpu_seconds = 0.0
+        self._progress = progress
+        self._progress_base = progress_base
+
+    def bucket(self, now: float) -> int:
+        index = max(0, int((now - self.start_at) / BUCKET_SECONDS))
+        while len(self.answered_per_bucket) <= index:
+            self.answered_per_bucket.append(0)
+            self.held_per_bucket.append(0)
+            self.remaining_per_bucket.append(None)
+        return index
+
+    def publish(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            base = self._progress_base
+            progress[base] = self.sent
+            progress[base + 1] = self.answered
+            progress[base + 2] = self.won
+            progress[base + 3] = self.sold
+
+    def result(self, index: int, errors: list[str]) -> DriverResult:
+        return DriverResult(
+            index=index,
+            statuses=self.statuses,
+            histogram=self.histogram.encode(),
+            answered_per_bucket=self.answered_per_bucket,
+            held_per_bucket=self.held_per_bucket,
+            remaining_per_bucket=self.remaining_per_bucket,
+            first_send_at=self.first_send_at,
+            last_answer_at=self.last_answer_at,
+            crowd_answered_at=self.crowd_answered_at,
+            sold_out_at=self.sold_out_at,
+            holds=self.holds,
+            confirmed=self.confirmed,
+            cancelled=self.cancelled,
+            sent=self.sent,
+            crowd_buyers=self.crowd_buyers,
+            crowd_answered=self.crowd_answered,
+            busy_retries=self.busy_retries,
+            unanswered=self.unanswered,
+            unsent_buyers=self.unsent_buyers,
+            cpu_seconds=self.cpu_seconds,
+            errors=errors,
+        )
+
+
+@dataclass(slots=True)
+class Batch:
+    items: Sequence[Item]
+    first_id: int
+    payload: bytes
+    intended_at: float = 0.0
+    crowd_number: int = -1  # position in the crowd schedule; -1 for follow-ups and retries
+
+
+class ConnectionWork:
+    """One connection's share of the crowd, and what to send next; no I/O."""
+
+    def __init__(
+        self,
+        crowd: Sequence[Item],
+        plan: Plan,
+        encode: Encoder,
+        tally: Tally,
+        *,
+        batch: int,
+        inflight: int,
+        rate: float | None,
+        duration_seconds: float | None,
+        phase: float = 0.0,
+    ) -> None:
+        assert batch >= 1
+        assert inflight >= 1
+        assert 0.0 <= phase < 1.0
+        self.plan = plan
+        self.actions = plan.actions
+        self.encode = encode
+        self.tally = tally
+        self.batch = batch
+        self.inflight_max = inflight
+        self.inflight = 0
+        self._next_id = 1
+        # The crowd goes out in fixed batches, packed before the clock starts.
+        self._crowd: deque[Batch] = deque()
+        for number, start in enumerate(range(0, len(crowd), batch)):
+            items = crowd[start : start + batch]
+            first_id = self._take_ids(len(items))
+            self._crowd.append(Batch(items, first_id, encode(items, first_id), crowd_number=number))
+        tally.crowd_buyers += len(crowd)
+        # Winners' confirms and cancels, and reserves answered busy, wait here: (item, ready at).
+        self._follow_ups: deque[tuple[Item, float]] = deque()
+        self._interval = batch / rate if rate else None
+        self._phase = phase
+        self._duration_seconds = duration_seconds
+        self._start_at = 0.0
+        self.deadline: float | None = None
+        self.begin(tally.start_at)
+
+    def begin(self, start_at: float) -> None:
+        """The common start time (monotonic seconds): the schedule and the duration cap count from it."""
+        self._start_at = start_at
+        self.tally.start_at = start_at
+        if self._duration_seconds is not None:
+            self.deadline = start_at + self._duration_seconds
+
+    def _take_ids(self, count: int) -> int:
+        first = self._next_id
+        self._next_id += count
+        return first
+
+    @property
+    def finished(self) -> bool:
+        return not self._crowd and not self._follow_ups and self.inflight == 0
+
+    def _room_for(self, count: int) -> bool:
+        # A batch larger than the window still goes when nothing else is in flight.
+        return self.inflight == 0 or self.inflight + count <= self.inflight_max
+
+    def take(self, now: float) -> Batch | None:
+        """The batch to send now, or None (wait for an answer or for `wake_at`)."""
+        if self._follow_ups:
+            count = min(self.batch, len(self._follow_ups))
+            if not self._room_for(count):
+                return None
+            ready = [self._follow_ups.popleft() for _ in range(count)]
+            items = [item for item, _ in ready]
+            first_id = self._take_ids(count)
+            sent = Batch(items, first_id, self.encode(items, first_id), intended_at=ready[0][1])
+            return self._sending(sent, now)
+        if not self._crowd:
+            return None
+        if self.deadline is not None and now >= self.deadline:
+            # The duration cap: the rest of the crowd never arrives.
+            self.tally.unsent_buyers += sum(len(batch.items) for batch in self._crowd)
+            self._crowd.clear()
+            return None
+        batch = self._crowd[0]
+        intended = self._intended(batch)
+        if intended is not None and intended > now:
+            return None
+        if not self._room_for(len(batch.items)):
+            return None
+        self._crowd.popleft()
+        batch.intended_at = intended if intended is not None else now
+        return self._sending(batch, now)
+
+    def _intended(self, batch: Batch) -> float | None:
+        if self._interval is None:
+            return None
+        return self._start_at + (batch.crowd_number + self._phase) * self._interval
+
+    def _sending(self, batch: Batch, now: float) -> Batch:
+        count = len(batch.items)
+        self.inflight += count
+        tally = self.tally
+        tally.sent += count
+        if tally.first_send_at is None:
+            tally.first_send_at = now
+        return batch
+
+    def wake_at(self) -> float | None:
+        """When the schedule lets the next crowd batch go; None when only an answer can help."""
+        if self._follow_ups or not self._crowd or self._interval is None:
+            return None
+        if not self._room_for(len(self._crowd[0].items)):
+            return None
+        intended = self._intended(self._crowd[0])
+        if self.deadline is not None and intended is not None:
+            return min(intended, self.deadline)
+        return intended
+
+    def answered(self, batch: Batch, answers: Sequence[Answer], now: float) -> None:
+        """Book the answers to `batch` (in request order), received at `now`."""
+        items = batch.items
+        assert len(answers) == len(items), f"{len(answers)} answers for a batch of {len(items)}"
+        self.inflight -= len(items)
+        tally = self.tally
+        latency = int((now - batch.intended_at) * 1_000_000)
+        latency = min(max(latency, LATENCY_LOWEST_MICROSECONDS), LATENCY_HIGHEST_MICROSECONDS)
+        tally.histogram.record_value(latency, len(items))
+        bucket = tally.bucket(now)
+        statuses = tally.statuses
+        actions = self.actions
+        follow_ups = self._follow_ups
+        answered = 0
+        held = 0
+        won = 0
+        fewest_remaining = None
+        crowd_answered = 0
+        for item, (status, reservation, remaining) in zip(items, answers, strict=True):
+            op = item[0]
+            counts = statuses[op]
+            counts[status] = counts.get(status, 0) + 1
+            if status == BUSY:
+                # Not decided: the same request (same idempotency key) goes again.
+                follow_ups.append((item, now))
+                tally.busy_retries += 1
+                continue
+            answered += 1
+            if op == RESERVE_OP:
+                crowd_answered += 1
+                if status == OK:
+                    sku = item[2]
+                    held += 1
+                    won += 1
+                    tally.holds.append((sku, item[1], reservation))  # type: ignore[arg-type]
+                    if sku == 0 and remaining is not None:
+                        fewest_remaining = remaining
+                    if remaining == 0 and sku not in tally.sold_out_at:
+                        tally.sold_out_at[sku] = now
+                    follow_up = FOLLOW_UP_OPS.get(actions[item[1]])
+                    if follow_up is not None:
+                        follow_ups.append(((follow_up, item[1], sku, reservation), now))
+            elif status == OK:
+                sku = item[2]
+                if op == CONFIRM_OP:
+                    tally.confirmed[sku] = tally.confirmed.get(sku, 0) + 1
+                    tally.sold += 1
+                else:
+                    tally.cancelled[sku] = tally.cancelled.get(sku, 0) + 1
+                    held -= 1
+        tally.answered += answered
+        tally.won += won
+        tally.answered_per_bucket[bucket] += answered
+        tally.held_per_bucket[bucket] += held
+        if fewest_remaining is not None:
+            # A batch is decided in order, so its last ok left the fewest units.
+            current = tally.remaining_per_bucket[bucket]
+            if current is None or fewest_remaining < current:
+                tally.remaining_per_bucket[bucket] = fewest_remaining
+        tally.last_answer_at = now
+        if crowd_answered:
+            tally.crowd_answered += crowd_answered
+            tally.crowd_answered_at = now
+        tally.publish()
+
+    def abandon(self) -> int:
+        """Give up on everything not answered; returns how many requests that was."""
+        lost = self.inflight + len(self._follow_ups)
+        self.tally.unsent_buyers += sum(len(batch.items) for batch in self._crowd)
+        self.tally.unanswered += lost
+        self._crowd.clear()
+        self._follow_ups.clear()
+        self.inflight = 0
+        return lost
+
+
+def crowd_items(plan: Plan, buyers: range) -> list[Item]:
+    sku_indexes = plan.sku_indexes
+    return [(RESERVE_OP, number, sku_indexes[number], None) for number in buyers]
+
+
+def connection_shares(settings: DriverSettings, plan: Plan) -> list[list[Item]]:
+    """This driver's buyers, cut into one contiguous share per connection."""
+    from bench.scenarios import split
+
+    return [crowd_items(plan, share) for share in split(settings.buyers, settings.connections)]
+
+
+def connection_phase(settings: DriverSettings, number: int) -> float:
+    """Where in the open-loop interval this driver's connection `number` sends its batches."""
+    return (settings.connection_offset + number) / max(settings.connections_total, 1) % 1.0
+
+
+# ---------------------------------------------------------------- soldout over websockets
+
+
+def soldout_encoder(scenario: Scenario) -> Encoder:
+    sku_names = [sku.sku for sku in scenario.skus]
+    packb = msgpack.packb
+
+    def encode(items: Sequence[Item], first_id: int) -> bytes:
+        maps = []
+        for offset, (op, buyer, sku, reservation) in enumerate(items):
+            if op == RESERVE_OP:
+                maps.append(
+                    {
+                        "id": first_id + offset,
+                        "op": RESERVE_OP,
+                        "sku": sku_names[sku],
+                        "buyer": buyer_name(buyer),
+                        "qty": 1,
+                        "key": idempotency_key(buyer),
+                    }
+                )
+            else:
+                maps.append({"id": first_id + offset, "op": op, "reservation": reservation, "buyer": buyer_name(buyer)})
+        # Always an array: one batch frame per batch, even a batch of one.
+        return packb(maps)
+
+    return encode
+
+
+class ProtocolBreach(Exception):
+    """The server answered something the driver cannot match to what it sent."""
+
+
+def soldout_answers(payload: bytes, outstanding: dict[int, Batch]) -> tuple[Batch, list[Answer]]:
+    """The batch a reply frame answers, and its answers in request order."""
+    replies = msgpack.unpackb(payload)
+    if isinstance(replies, dict):
+        replies = [replies]
+    if not replies or not isinstance(replies, list):
+        raise ProtocolBreach(f"reply frame is not a non-empty array of maps: {replies!r:.200}")
+    first_id = replies[0].get("id")
+    batch = outstanding.pop(first_id, None)  # type: ignore[arg-type]
+    if batch is None:
+        raise ProtocolBreach(f"reply for an id that is not in flight: {replies[0]!r:.200}")
+    if len(replies) != len(batch.items):
+        raise ProtocolBreach(f"{len(replies)} replies for a batch of {len(batch.items)}")
+    answers = []
+    expected_id = first_id
+    for reply in replies:
+        if reply.get("id") != expected_id:
+            raise ProtocolBreach(f"reply id {reply.get('id')!r} where {expected_id} was due")
+        expected_id += 1
+        answers.append((reply["status"], reply.get("reservation"), reply.get("remaining")))
+    return batch, answers
+
+
+async def drive_soldout(settings: DriverSettings, plan: Plan, tally: Tally, started: Callable[[], Any]) -> list[str]:
+    """Open the connections, wait for the start (`started` blocks until then), drive them all."""
+    import trio
+
+    encode = soldout_encoder(settings.scenario)
+    headers = [("Authorization", f"Bearer {settings.token}")] if settings.token else []
+    works = [
+        ConnectionWork(
+            share,
+            plan,
+            encode,
+            tally,
+            batch=settings.batch,
+            inflight=settings.inflight,
+            rate=settings.rate_per_connection,
+            duration_seconds=settings.duration_seconds,
+            phase=connection_phase(settings, number),
+        )
+        for number, share in enumerate(connection_shares(settings, plan))
+    ]
+    errors: list[str] = []
+    async with trio.open_nursery() as connections:
+        websockets = []
+        for _ in works:
+            websockets.append(
+                await connections.start(_open_websocket, settings.url, headers)  # type: ignore[arg-type]
+            )
+        start_at = await trio.to_thread.run_sync(started)
+        for work in works:
+            work.begin(start_at)
+        await trio.sleep(max(0.0, start_at - time.monotonic()))
+        tally.cpu_started_at = time.process_time()
+        async with trio.open_nursery() as driving:
+            for work, (websocket, _) in zip(works, websockets, strict=True):
+                driving.start_soon(_drive_one_soldout, websocket, work, errors)
+        for _, close in websockets:
+            close.set()
+    return errors
+
+
+async def _open_websocket(url: str, headers: list, *, task_status: Any) -> None:
+    """Hold one websocket open until told to close; hands (websocket, close event) back."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    close = trio.Event()
+    async with open_websocket_url(url, extra_headers=headers, max_message_size=FRAME_BYTES_MAX) as websocket:
+        task_status.started((websocket, close))
+        await close.wait()
+
+
+async def _drive_one_soldout(websocket: Any, work: ConnectionWork, errors: list[str]) -> None:
+    import trio
+
+    outstanding: dict[int, Batch] = {}
+    changed = [trio.Event()]
+
+    async def send(receiving: trio.CancelScope) -> None:
+        while True:
+            batch = work.take(time.monotonic())
+            if batch is not None:
+                outstanding[batch.first_id] = batch
+                await websocket.send_message(batch.payload)
+                continue
+            if work.finished:
+                # Nothing in flight and nothing left (the duration cap can end the work
+                # here): the receiver would wait for a frame that never comes.
+                receiving.cancel()
+                return
+            wake = work.wake_at()
+            event = changed[0] = trio.Event()
+            if wake is None:
+                await event.wait()
+            else:
+                with trio.move_on_after(max(0.0, wake - time.monotonic())):
+                    await event.wait()
+
+    async def receive(receiving: trio.CancelScope) -> None:
+        with receiving:
+            while not work.finished:
+                payload = await websocket.get_message()
+                now = time.monotonic()
+                batch, answers = soldout_answers(payload, outstanding)
+                work.answered(batch, answers, now)
+                changed[0].set()
+
+    give_up_at = float("inf") if work.deadline is None else _trio_time(work.deadline + ANSWER_GRACE_SECONDS)
+    with trio.move_on_at(give_up_at):
+        async with trio.open_nursery() as nursery:
+            receiving = trio.CancelScope()
+            nursery.start_soon(send, receiving)
+            nursery.start_soon(receive, receiving)
+    if not work.finished:
+        lost = work.abandon()
+        errors.append(f"{lost} requests still unanswered {ANSWER_GRACE_SECONDS:.0f} s after the duration cap")
+
+
+def _trio_time(monotonic: float) -> float:
+    import trio
+
+    return trio.current_time() + (monotonic - time.monotonic())
+
+
+# ---------------------------------------------------------------- the process
+
+
+def process_main(
+    settings: DriverSettings,
+    progress: Any,
+    messages: Any,
+    go: Any,
+    start_value: Any,
+) -> None:
+    """Entry point of a driver process (multiprocessing, 'spawn' context)."""
+    try:
+        plan = settings.scenario.plan()
+        tally = Tally(0.0, progress, settings.index * len(PROGRESS_FIELDS))
+
+        def started() -> float:
+            messages.put(("ready", settings.index, None))
+            if not go.wait(START_WAIT_SECONDS):
+                raise TimeoutError("the bench never gave the start signal")
+            return start_value.value
+
+        if settings.target == "soldout":
+            import trio
+
+            errors = trio.run(drive_soldout, settings, plan, tally, started)
+        else:
+            import asyncio
+
+            from bench.redis_peer import drive_redis
+
+            errors = asyncio.run(drive_redis(settings, plan, tally, started))
+        if tally.cpu_started_at is not None:
+            tally.cpu_seconds = time.process_time() - tally.cpu_started_at
+        messages.put(("result", settings.index, tally.result(settings.index, errors)))
+    except BaseException:
+        messages.put(("error", settings.index, traceback.format_exc()))

@@ -1,0 +1,449 @@
+"""Benchmark reports: plain-text tables (no colours, no terminal tricks, so a report pastes
+into a note or a CI log as it printed), and for `soldout bench` the merge of the driver
+processes' results (HDR histograms travel encoded and are added up here), the summary
+of a run, the JSON report and the optional PNG chart (matplotlib, imported only when a
+chart is asked for).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from bench.driver import BUCKET_SECONDS, DriverResult, new_histogram
+from bench.verify import Check, Observed
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Sequence[int] = ()) -> str:
+    """The rows under their headers, columns padded to fit; `right_aligned` lists
+    the columns (by index) that hold numbers."""
+    widths = [len(header) for header in headers]
+    for row in rows:
+        assert len(row) == len(headers), f"a row has {len(row)} cells for {len(headers)} columns"
+        for column, cell in enumerate(row):
+            widths[column] = max(widths[column], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(widths[column]) if column in right_aligned else cell.ljust(widths[column])
+            for column, cell in enumerate(cells)
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def mebibytes(kibibytes: int) -> str:
+    return f"{kibibytes / 1024:,.0f}"
+
+
+def milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+# ---------------------------------------------------------------- one bench run
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+# The latency distribution kept in the JSON report and drawn in the chart.
+DISTRIBUTION_PERCENTILES = (0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0)
+
+
+@dataclass
+class Merged:
+    """Every driver process's result, added up."""
+
+    statuses: dict[str, dict[str, int]]
+    histogram: HdrHistogram
+    answered_per_bucket: list[int]
+    held_per_bucket: list[int]
+    remaining_per_bucket: list[int | None]
+    first_send_at: float | None
+    last_answer_at: float | None
+    crowd_answered_at: float | None
+    sold_out_at: dict[int, float]
+    observed: Observed
+    sent: int
+    busy_retries: int
+    client_cpu_seconds: float
+    errors: list[str]
+
+    @property
+    def answered(self) -> int:
+        return sum(sum(counts.values()) for counts in self.statuses.values()) - self.busy_retries
+
+    @property
+    def elapsed_seconds(self) -> float | None:
+        if self.first_send_at is None or self.last_answer_at is None:
+            return None
+        return max(self.last_answer_at - self.first_send_at, 1e-9)
+
+
+def merge(results: Sequence[DriverResult]) -> Merged:
+    histogram = new_histogram()
+    statuses: dict[str, dict[str, int]] = {}
+    answered_per_bucket: list[int] = []
+    held_per_bucket: list[int] = []
+    remaining_per_bucket: list[int | None] = []
+    sold_out_at: dict[int, float] = {}
+    holds: list[tuple[int, int, str]] = []
+    confirmed: dict[int, int] = {}
+    cancelled: dict[int, int] = {}
+    errors: list[str] = []
+    for result in results:
+        histogram.add(HdrHistogram.decode(result.histogram))
+        for op, counts in result.statuses.items():
+            merged = statuses.setdefault(op, {})
+            for status, count in counts.items():
+                merged[status] = merged.get(status, 0) + count
+        _add_into(answered_per_bucket, result.answered_per_bucket)
+        _add_into(held_per_bucket, result.held_per_bucket)
+        _fewest_into(remaining_per_bucket, result.remaining_per_bucket)
+        for sku, at in result.sold_out_at.items():
+            sold_out_at[sku] = min(at, sold_out_at.get(sku, at))
+        holds.extend(result.holds)
+        for sku, units in result.confirmed.items():
+            confirmed[sku] = confirmed.get(sku, 0) + units
+        for sku, units in result.cancelled.items():
+            cancelled[sku] = cancelled.get(sku, 0) + units
+        errors.extend(f"driver {result.index}: {error}" for error in result.errors)
+    observed = Observed(
+        holds=holds,
+        confirmed=confirmed,
+        cancelled=cancelled,
+        crowd_buyers=sum(result.crowd_buyers for result in results),
+        crowd_answered=sum(result.crowd_answered for result in results),
+        unsent_buyers=sum(result.unsent_buyers for result in results),
+        unanswered=sum(result.unanswered for result in results),
+    )
+    return Merged(
+        statuses={op: counts for op, counts in statuses.items() if counts},
+        histogram=histogram,
+        answered_per_bucket=answered_per_bucket,
+        held_per_bucket=held_per_bucket,
+        remaining_per_bucket=remaining_per_bucket,
+        first_send_at=_earliest(result.first_send_at for result in results),
+        last_answer_at=_latest(result.last_answer_at for result in results),
+        crowd_answered_at=_latest(result.crowd_answered_at for result in results),
+        sold_out_at=sold_out_at,
+        observed=observed,
+        sent=sum(result.sent for result in results),
+        busy_retries=sum(result.busy_retries for result in results),
+        client_cpu_seconds=sum(result.cpu_seconds for result in results),
+        errors=errors,
+    )
+
+
+def _add_into(total: list[int], values: Sequence[int]) -> None:
+    if len(total) < len(values):
+        total.extend([0] * (len(values) - len(total)))
+    for index, value in enumerate(values):
+        total[index] += value
+
+
+def _fewest_into(fewest: list[int | None], values: Sequence[int | None]) -> None:
+    if len(fewest) < len(values):
+        fewest.extend([None] * (len(values) - len(fewest)))
+    for index, value in enumerate(values):
+        current = fewest[index]
+        if value is not None and (current is None or value < current):
+            fewest[index] = value
+
+
+def _earliest(values: Any) -> float | None:
+    present = [value for value in values if value is not None]
+    return min(present) if present else None
+
+
+def _latest(values: Any) -> float | None:
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
+
+
+@dataclass
+class RunReport:
+    """One run against one target: the figures and the end checks."""
+
+    label: str  # e.g. "soldout memory", "redis durable"
+    target: str
+    storage: str
+    scenario: str
+    sku_count: int
+    total_stock: int
+    buyers: int
+    merged: Merged
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # CPU the server spent during the run, when the bench can read it (a server it
+    # started, or any Redis): on a shared machine, a steadier figure than wall time.
+    server_cpu_seconds: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks) and not self.merged.errors
+
+    def summary(self) -> dict[str, Any]:
+        """The run's figures, as the JSON report and the table show them."""
+        merged = self.merged
+        histogram = merged.histogram
+        elapsed = merged.elapsed_seconds
+        start = merged.first_send_at
+        reserve = merged.statuses.get("reserve", {})
+        sold_out_after = None
+        if start is not None and len(merged.sold_out_at) == self.sku_count:
+            sold_out_after = max(merged.sold_out_at.values()) - start
+        all_answered_after = None
+        if start is not None and merged.crowd_answered_at is not None:
+            all_answered_after = merged.crowd_answered_at - start
+        latency = {f"p{percentile:g}": _ms(histogram.get_value_at_percentile(percentile)) for percentile in PERCENTILES}
+        latency["max"] = _ms(histogram.get_max_value())
+        latency["mean"] = round(histogram.get_mean_value() / 1000, 3)
+        return {
+            "label": self.label,
+            "target": self.target,
+            "storage": self.storage,
+            "scenario": self.scenario,
+            "skus": self.sku_count,
+            "stock": self.total_stock,
+            "buyers": self.buyers,
+            "requests_sent": merged.sent,
+            "requests_answered": merged.answered,
+            "busy_retries": merged.busy_retries,
+            "buyers_not_sent": merged.observed.unsent_buyers,
+            "server_cpu_seconds": None if self.server_cpu_seconds is None else round(self.server_cpu_seconds, 3),
+            "server_cpu_microseconds_per_request": (
+                round(self.server_cpu_seconds * 1e6 / merged.answered, 2)
+                if self.server_cpu_seconds is not None and merged.answered
+                else None
+            ),
+            # What the load cost the driver processes: a client near a core per process is the limit.
+            "client_cpu_seconds": round(merged.client_cpu_seconds, 3),
+            "client_cpu_microseconds_per_request": (
+                round(merged.client_cpu_seconds * 1e6 / merged.answered, 2) if merged.answered else None
+            ),
+            "elapsed_seconds": elapsed,
+            "throughput_per_second": merged.answered / elapsed if elapsed else 0.0,
+            "reserves_per_second": sum(reserve.values()) / elapsed if elapsed else 0.0,
+            "latency_ms": latency,
+            "latency_distribution_ms": {
+                f"{percentile:g}": _ms(histogram.get_value_at_percentile(percentile))
+                for percentile in DISTRIBUTION_PERCENTILES
+            },
+            "sold_out_after_ms": None if sold_out_after is None else sold_out_after * 1000,
+            "all_answered_after_ms": None if all_answered_after is None else all_answered_after * 1000,
+            "statuses": merged.statuses,
+            "timeline": {
+                "bucket_seconds": BUCKET_SECONDS,
+                "answered": merged.answered_per_bucket,
+                "units_left": self.units_left(),
+            },
+            "checks": [{"name": check.name, "passed": check.passed, "detail": check.detail} for check in self.checks],
+            "errors": merged.errors,
+            "notes": self.notes,
+        }
+
+    def units_left(self) -> list[int]:
+        """Units left at the end of each time bucket.
+
+        With one SKU, the fewest the server's own ok replies reported (`remaining`), so
+        units given back by expiry show; with many, the stock less what ok reserves took and ok
+        cancels gave back (exact where no hold ends during the run, as in catalog).
+        """
+        merged = self.merged
+        if self.sku_count == 1:
+            return remaining_left(self.total_stock, merged.remaining_per_bucket, len(merged.held_per_bucket))
+        return units_left(self.total_stock, merged.held_per_bucket)
+
+
+def _ms(microseconds: float) -> float:
+    return round(microseconds / 1000, 3)
+
+
+def remaining_left(stock: int, remaining_per_bucket: Sequence[int | None], buckets: int) -> list[int]:
+    """The fewest units left reported in each bucket, carried over buckets without an ok reserve."""
+    left = []
+    current = stock
+    for index in range(buckets):
+        reported = remaining_per_bucket[index] if index < len(remaining_per_bucket) else None
+        if reported is not None:
+            current = reported
+        left.append(current)
+    return left
+
+
+def units_left(total_stock: int, held_per_bucket: Sequence[int]) -> list[int]:
+    """The stock less units taken by ok reserves and given back by ok cancels, bucket by bucket."""
+    left = []
+    remaining = total_stock
+    for held in held_per_bucket:
+        remaining -= held
+        left.append(remaining)
+    return left
+
+
+# ---------------------------------------------------------------- tables
+
+RUN_HEADERS = (
+    "run",
+    "requests",
+    "req/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "sold out ms",
+    "all answered ms",
+    "checks",
+)
+
+
+def run_row(summary: dict[str, Any], passed: bool) -> list[str]:
+    latency = summary["latency_ms"]
+    return [
+        summary["label"],
+        f"{summary['requests_answered']:,}",
+        rate(summary["throughput_per_second"]),
+        milliseconds(latency["p50"]),
+        milliseconds(latency["p90"]),
+        milliseconds(latency["p99"]),
+        milliseconds(latency["p99.9"]),
+        milliseconds(latency["max"]),
+        milliseconds(summary["sold_out_after_ms"]),
+        milliseconds(summary["all_answered_after_ms"]),
+        "passed" if passed else "FAILED",
+    ]
+
+
+def runs_table(runs: Sequence[RunReport]) -> str:
+    rows = [run_row(run.summary(), run.passed) for run in runs]
+    return format_table(RUN_HEADERS, rows, right_aligned=range(1, 10))
+
+
+def statuses_line(summary: dict[str, Any]) -> str:
+    parts = []
+    for op, counts in summary["statuses"].items():
+        shown = ", ".join(f"{status} {count:,}" for status, count in sorted(counts.items(), key=lambda item: -item[1]))
+        parts.append(f"{op}: {shown}")
+    return "; ".join(parts)
+
+
+def cpu_line(summary: dict[str, Any]) -> str:
+    """CPU time of the server and of the drivers, per request: steadier than rates on a busy machine."""
+    parts = []
+    if summary["server_cpu_seconds"] is not None:
+        per_request = _per_request(summary["server_cpu_microseconds_per_request"])
+        parts.append(f"server CPU {summary['server_cpu_seconds']:,.1f} s ({per_request})")
+    per_request = _per_request(summary["client_cpu_microseconds_per_request"])
+    parts.append(f"drivers' CPU {summary['client_cpu_seconds']:,.1f} s ({per_request})")
+    return f"{', '.join(parts)}, over {summary['elapsed_seconds'] or 0:,.1f} s"
+
+
+def _per_request(microseconds: float | None) -> str:
+    return "-" if microseconds is None else f"{microseconds:,.1f} us per request"
+
+
+def human_summary(report: RunReport) -> str:
+    """One sentence on how the sale went, for people rather than spreadsheets."""
+    summary = report.summary()
+    reserve = summary["statuses"].get("reserve", {})
+    sold_out = summary["sold_out_after_ms"]
+    answered = summary["all_answered_after_ms"]
+    passed = sum(1 for check in report.checks if check.passed)
+    verdict = (
+        f"all {passed} invariant checks passed"
+        if report.passed
+        else f"{len(report.checks) - passed} of {len(report.checks)} checks FAILED"
+    )
+    return (
+        f"{report.label}: {report.total_stock:,} units, {report.buyers:,} buyers, {reserve.get('ok', 0):,} holds; "
+        + (f"sold out after {sold_out:,.0f} ms, " if sold_out is not None else "not sold out, ")
+        + (f"every buyer answered after {answered:,.0f} ms; " if answered is not None else "")
+        + f"{summary['throughput_per_second']:,.0f} requests/s, p99 {summary['latency_ms']['p99']:,.1f} ms; {verdict}"
+    )
+
+
+def ratio(soldout: RunReport, peer: RunReport) -> dict[str, float | None]:
+    """soldout / peer for throughput (higher is better) and p99 latency (lower is better)."""
+    ours, theirs = soldout.summary(), peer.summary()
+    throughput = None
+    if theirs["throughput_per_second"]:
+        throughput = ours["throughput_per_second"] / theirs["throughput_per_second"]
+    p99 = None
+    if theirs["latency_ms"]["p99"]:
+        p99 = ours["latency_ms"]["p99"] / theirs["latency_ms"]["p99"]
+    return {"throughput": throughput, "p99": p99}
+
+
+def ratio_line(soldout: RunReport, peer: RunReport) -> str:
+    figures = ratio(soldout, peer)
+    throughput = "-" if figures["throughput"] is None else f"{figures['throughput']:.2f}x"
+    p99 = "-" if figures["p99"] is None else f"{figures['p99']:.2f}x"
+    return (
+        f"{soldout.label} / {peer.label}: throughput {throughput} (higher is better), "
+        f"p99 latency {p99} (lower is better)"
+    )
+
+
+def json_report(settings: dict[str, Any], runs: Sequence[RunReport]) -> str:
+    document: dict[str, Any] = {"settings": settings, "runs": [run.summary() for run in runs]}
+    soldout = [run for run in runs if run.target == "soldout"]
+    peers = [run for run in runs if run.target != "soldout"]
+    if soldout and peers:
+        document["ratio"] = ratio(soldout[0], peers[0])
+    document["passed"] = all(run.passed for run in runs)
+    return json.dumps(document, indent=2)
+
+
+# ---------------------------------------------------------------- the chart
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed."""
+
+
+PLOT_MISSING = (
+    "--plot needs matplotlib, which is not installed: pip install 'soldout[plot]' (or pip install matplotlib)"
+)
+
+
+def plot(runs: Sequence[RunReport], path: str) -> None:
+    """Units left and replies per second over time, and the latency distribution, as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable(PLOT_MISSING) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    figure, (units_axes, rate_axes, latency_axes) = pyplot.subplots(3, 1, figsize=(9, 11))
+    for run in runs:
+        summary = run.summary()
+        timeline = summary["timeline"]
+        seconds = [(index + 1) * BUCKET_SECONDS for index in range(len(timeline["answered"]))]
+        units_axes.plot(seconds, timeline["units_left"], label=run.label)
+        rate_axes.plot(seconds, [count / BUCKET_SECONDS for count in timeline["answered"]], label=run.label)
+        distribution = summary["latency_distribution_ms"]
+        percentiles = [float(percentile) for percentile in distribution]
+        # The usual HDR view: x = 1 / (1 - percentile), so the tail gets the room.
+        positions = [1 / (1 - min(percentile, 99.9999) / 100) for percentile in percentiles]
+        latency_axes.plot(positions, list(distribution.values()), marker="o", label=run.label)
+    units_axes.set(title="units left", xlabel="seconds", ylabel="units")
+    rate_axes.set(title="replies per second", xlabel="seconds", ylabel="replies/s")
+    latency_axes.set(title="latency by percentile", ylabel="ms", xscale="log")
+    ticks = [1, 2, 10, 100, 1000, 10000, 100000, 1000000]
+    latency_axes.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "max"])
+    for axes in (units_axes, rate_axes, latency_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
