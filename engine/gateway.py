@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
-from protocol.codec import ADMIN_OPS, Frame, RemoteProtocolError, Request, ServerCodec
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from engine.api import Engine, EngineClosed
 from engine.metrics import GatewayMetrics
 from engine.server_config import ServerConfig
+from protocol.codec import ADMIN_OPS, Frame, RemoteProtocolError, Request, ServerCodec
 from protocol.messages import BUSY, FORBIDDEN, OK
 
 log = logging.getLogger("soldout.gateway")
@@ -101,18 +101,18 @@ class Gateway:
         path = request.path.split("?", 1)[0]
         if path != ENDPOINT_PATH:
             self.metrics.connection_refused("path")
-            await request.reject(404, body=b"soldout speaks protocol v1 at /v1\n")
+            await _refuse(request, 404, body=b"soldout speaks protocol v1 at /v1\n")
             return
         role = self._authenticate(request)
         if role is None:
             self.metrics.connection_refused("auth")
-            await request.reject(
-                401, extra_headers=[(b"WWW-Authenticate", b'Bearer realm="soldout"')], body=b"unknown token\n"
+            await _refuse(
+                request, 401, extra_headers=[(b"WWW-Authenticate", b'Bearer realm="soldout"')], body=b"unknown token\n"
             )
             return
         if self._connections >= self.limits.connections_max or self._stopping.is_set():
             self.metrics.connection_refused("capacity")
-            await request.reject(503, body=b"too many connections\n")
+            await _refuse(request, 503, body=b"too many connections\n")
             return
         self._connections += 1
         try:
@@ -148,6 +148,21 @@ class Gateway:
         return None
 
 
+async def _refuse(
+    request: WebSocketRequest, status_code: int, *, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer the upgrade with an HTTP error, then hang up.
+
+    trio-websocket marks a rejected connection closed without closing its TCP stream,
+    so the stream is closed here; otherwise a refused peer could hold a socket (and a
+    reader task) for as long as it likes, outside every bound.
+    """
+    try:
+        await request.reject(status_code, extra_headers=extra_headers, body=body)
+    finally:
+        await request._connection._close_stream()
+
+
 class Connection:
     """One websocket connection: a reader, a writer, and a task per frame in flight."""
 
@@ -160,6 +175,9 @@ class Connection:
         self.codec = ServerCodec(gateway.limits)
         self.inflight = 0
         self.inflight_max = gateway.limits.inflight_requests_max
+        self.inflight_bytes = 0
+        self.inflight_bytes_max = gateway.limits.inflight_bytes_max
+        self._bytes_freed = trio.Event()
 
     async def run(self) -> None:
         outbox_send, outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES_MAX)
@@ -206,21 +224,31 @@ class Connection:
                 except trio.BrokenResourceError:
                     return None, ""  # the writer saw the connection close
                 continue
+            size = len(message)
+            while self.inflight_bytes and self.inflight_bytes + size > self.inflight_bytes_max:
+                # Backpressure on this connection alone: read on once replies went out.
+                self._bytes_freed = trio.Event()
+                await self._bytes_freed.wait()
             self.inflight += count
-            frames.start_soon(self._answer, frame, arrived, outbox)
+            self.inflight_bytes += size
+            frames.start_soon(self._answer, frame, size, arrived, outbox)
 
-    async def _answer(self, frame: Frame, arrived: float, outbox: trio.MemorySendChannel[bytes]) -> None:
+    async def _answer(self, frame: Frame, size: int, arrived: float, outbox: trio.MemorySendChannel[bytes]) -> None:
         try:
             replies = await self._decide(frame.requests)
             if any(request.op == "reserve" for request in frame.requests):
                 self.metrics.reserve_latency(time.perf_counter() - arrived)
             self._tally(frame.requests, replies)
             payload = self.codec.encode(frame, replies)
+            # When the writer is gone with the connection, nobody is left to answer.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await outbox.send(payload)
         finally:
+            # In flight until the reply is queued: a peer that does not read fills its
+            # outbox, its frames wait here, and its reader turns to `busy`.
             self.inflight -= len(frame.requests)
-        # When the writer is gone with the connection, nobody is left to answer.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await outbox.send(payload)
+            self.inflight_bytes -= size
+            self._bytes_freed.set()
 
     async def _decide(self, requests: Sequence[Request]) -> list[dict]:
         codec = self.codec

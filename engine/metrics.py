@@ -71,6 +71,11 @@ class GatewayMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self._frames_received = self._frames.labels("received")
+        self._frames_sent = self._frames.labels("sent")
+        self._bytes_received = self._bytes.labels("received")
+        self._bytes_sent = self._bytes.labels("sent")
+        self._request_children: dict[tuple[str, str], Any] = {}
         self._engine_view = EngineView()
         self.registry.register(self._engine_view)
 
@@ -79,20 +84,25 @@ class GatewayMetrics:
     def frame_received(self, size: int) -> None:
         self.frames_received += 1
         self.bytes_received += size
-        self._frames.labels("received").inc()
-        self._bytes.labels("received").inc(size)
+        self._frames_received.inc()
+        self._bytes_received.inc(size)
 
     def frame_sent(self, size: int) -> None:
         self.frames_sent += 1
         self.bytes_sent += size
-        self._frames.labels("sent").inc()
-        self._bytes.labels("sent").inc(size)
+        self._frames_sent.inc()
+        self._bytes_sent.inc(size)
 
     def answered(self, tally: dict[tuple[str, str], int]) -> None:
         requests = self.requests
+        children = self._request_children
         for key, count in tally.items():
             requests[key] = requests.get(key, 0) + count
-            self._requests.labels(*key).inc(count)
+            child = children.get(key)
+            if child is None:
+                # labels() looks the child up under a lock: once per (op, status) is enough.
+                child = children[key] = self._requests.labels(*key)
+            child.inc(count)
 
     def reserve_latency(self, seconds: float) -> None:
         self._reserve_latency.observe(seconds)

@@ -7,6 +7,7 @@ accepting, answer what is in flight, commit, close, return.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -94,10 +95,20 @@ async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
                 http_server.server_close()
 
 
+# The book's objects live as long as the sale and hold no reference cycles, so the
+# cyclic collector only rescans them; measured under load it took 12-25% of the
+# server's CPU at the default thresholds and under 1% at these.
+SERVER_GC_THRESHOLDS = (100_000, 50, 1000)
+
+
 async def serve(config: ServerConfig, *, announce: bool = True) -> None:
     """Run until SIGINT or SIGTERM; then shut down cleanly and return."""
+    gc.set_threshold(*SERVER_GC_THRESHOLDS)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(config) as server:
+            # What recovery built stays for the life of the process: keep it out of
+            # every future collection.
+            gc.freeze()
             if announce:
                 print(f"soldout serving {server.url}", flush=True)
                 if server.metrics_port is not None:

@@ -15,6 +15,10 @@ class Limits:
     frame_bytes_max: int = 1_048_576
     batch_requests_max: int = 1000
     inflight_requests_max: int = 10_000
+    # Payload bytes of the frames in flight on one connection: past it the gateway
+    # stops reading that connection until replies go out (a frame may hold 1 request
+    # of 1 MiB, so the request count alone does not bound memory).
+    inflight_bytes_max: int = 67_108_864
     connections_max: int = 10_000
     # Names: SKU, buyer, idempotency key, reservation id, counted in UTF-8 bytes.
     string_bytes_max: int = 256

@@ -578,8 +578,10 @@ async def test_a_peer_that_never_reads_gets_a_bounded_number_of_requests_decided
         peer = NeverReadingPeer(payloads)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(Connection(gateway, peer, ADMIN).run)  # type: ignore[arg-type]
-            await peer.all_sent.wait()
-            await trio.testing.wait_all_tasks_blocked()
+            # Until nothing moves: either every frame was read, or the reader stopped
+            # reading (backpressure) because the outbox is full. The peer's own wait
+            # has no cushion, so it goes first whenever the reader asks for a frame.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
             nursery.cancel_scope.cancel()
         held = (await engine.stock(SKU)).held
     bound = limits.inflight_requests_max + (OUTBOX_FRAMES_MAX + 1) * frame_requests
