@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from bench.report import format_table, mebibytes, rate
 from engine.api import Engine, open_engine
 from engine.config import EngineConfig
 from protocol.messages import OK, SOLD_OUT, AnyReply, PutSku, Reserve, StockReply
@@ -419,32 +420,6 @@ def _print_result(result: dict[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------- the report
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Sequence[int] = ()) -> str:
-    """Plain text, so a report pastes into a note or a CI log as it printed."""
-    widths = [len(header) for header in headers]
-    for row in rows:
-        for column, cell in enumerate(row):
-            widths[column] = max(widths[column], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            cell.rjust(widths[column]) if column in right_aligned else cell.ljust(widths[column])
-            for column, cell in enumerate(cells)
-        ]
-        return "  ".join(padded).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
-
-
-def rate(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def mebibytes(kibibytes: int) -> str:
-    return f"{kibibytes / 1024:,.0f}"
 
 
 def _met(reached: bool) -> str:
