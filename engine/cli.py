@@ -1,8 +1,9 @@
 """The `soldout` command: a thin layer over the same engine API that tests use.
 
-soldout serve [--config sale.toml] [--host H] [--port P] [--shards N] [--data-dir DIR]
-soldout admin --url URL --token TOKEN put-sku|register|stock|stats ...
-soldout demo
+    soldout serve [--config sale.toml] [--host H] [--port P] [--shards N] [--data-dir DIR]
+    soldout admin --url URL --token TOKEN put-sku|register|stock|stats ...
+    soldout export --data-dir DIR
+    soldout bench [flash|catalog|checkout] ...
 """
 
 from __future__ import annotations
@@ -57,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data-dir", required=True)
     export.add_argument("--output", default="-", help="file to write (default: standard output)")
 
-    demo = commands.add_parser("demo", help="run a flash sale on the embedded engine and print its outcome")
-    demo.add_argument("--units", type=int, default=10_000)
-    demo.add_argument("--buyers", type=int, default=200_000)
     return parser
 
 
@@ -78,8 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine.admin import run_admin
 
             return trio.run(run_admin, arguments)
-        if arguments.command == "demo":
-            return _demo(arguments)
         if arguments.command == "export":
             return _export(arguments)
     except ConfigError as error:
@@ -109,19 +105,6 @@ def _serve(arguments: argparse.Namespace) -> int:
         metrics_port=arguments.metrics_port,
     )
     trio.run(serve, config)
-    return 0
-
-
-def _demo(arguments: argparse.Namespace) -> int:
-    from engine.demo import run_embedded_flash_sale
-
-    outcome = trio.run(run_embedded_flash_sale, arguments.units, arguments.buyers)
-    print(
-        f"{outcome['units']:,} units, {outcome['buyers']:,} buyers: {outcome['ok']:,} held, "
-        f"{outcome['sold_out']:,} sold out; sold out after {outcome['sold_out_after_ms']:.0f} ms, "
-        f"every buyer answered after {outcome['all_answered_ms']:.0f} ms "
-        f"({outcome['decisions_per_second']:,.0f} decisions/s); held + sold <= stock checked"
-    )
     return 0
 
 
