@@ -417,6 +417,23 @@ def connection_phase(settings: DriverSettings, number: int) -> float:
     return (settings.connection_offset + number) / max(settings.connections_total, 1) % 1.0
 
 
+def connection_work(
+    settings: DriverSettings, plan: Plan, encode: Encoder, tally: Tally, number: int, share: list[Item]
+) -> ConnectionWork:
+    """The work of this driver's connection `number`, for soldout and for the Redis peer alike."""
+    return ConnectionWork(
+        share,
+        plan,
+        encode,
+        tally,
+        batch=settings.batch,
+        inflight=settings.inflight,
+        rate=settings.rate_per_connection,
+        duration_seconds=settings.duration_seconds,
+        phase=connection_phase(settings, number),
+    )
+
+
 # ---------------------------------------------------------------- soldout over websockets
 
 
@@ -480,17 +497,7 @@ async def drive_soldout(settings: DriverSettings, plan: Plan, tally: Tally, star
     encode = soldout_encoder(settings.scenario)
     headers = [("Authorization", f"Bearer {settings.token}")] if settings.token else []
     works = [
-        ConnectionWork(
-            share,
-            plan,
-            encode,
-            tally,
-            batch=settings.batch,
-            inflight=settings.inflight,
-            rate=settings.rate_per_connection,
-            duration_seconds=settings.duration_seconds,
-            phase=connection_phase(settings, number),
-        )
+        connection_work(settings, plan, encode, tally, number, share)
         for number, share in enumerate(connection_shares(settings, plan))
     ]
     errors: list[str] = []

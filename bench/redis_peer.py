@@ -413,7 +413,7 @@ async def drive_redis(settings: Any, plan: Any, tally: Any, started: Callable[[]
     from redis.asyncio.connection import Connection, parse_url
     from redis.exceptions import ResponseError
 
-    from bench.driver import ANSWER_GRACE_SECONDS, ERROR, ConnectionWork, connection_phase, connection_shares
+    from bench.driver import ANSWER_GRACE_SECONDS, ERROR, ConnectionWork, connection_shares, connection_work
 
     options = parse_url(settings.url)
     connections = []
@@ -430,19 +430,7 @@ async def drive_redis(settings: Any, plan: Any, tally: Any, started: Callable[[]
         await connection.connect()
         connections.append(connection)
         encode = redis_encoder(connection, settings.script_sha, settings.redis_prefix, settings.scenario.skus)
-        works.append(
-            ConnectionWork(
-                share,
-                plan,
-                encode,
-                tally,
-                batch=settings.batch,
-                inflight=settings.inflight,
-                rate=settings.rate_per_connection,
-                duration_seconds=settings.duration_seconds,
-                phase=connection_phase(settings, number),
-            )
-        )
+        works.append(connection_work(settings, plan, encode, tally, number, share))
     start_at = await asyncio.to_thread(started)
     for work in works:
         work.begin(start_at)

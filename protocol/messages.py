@@ -87,8 +87,6 @@ class Register:
 
 
 Command = Reserve | Confirm | Cancel | Stock | PutSku | Register
-SKU_COMMANDS: Final = (Reserve, Stock, PutSku, Register)
-HOLD_COMMANDS: Final = (Confirm, Cancel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +129,3 @@ AnyReply = Reply | StockReply
 
 def invalid(error: str) -> Reply:
     return Reply(INVALID, error=error)
-
-
-BUSY_REPLY: Final = Reply(BUSY, error="the shard's mailbox is full; retry later")
