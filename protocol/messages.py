@@ -25,11 +25,15 @@ EXPIRED: Final = "expired"
 NOT_FOUND: Final = "not_found"
 CONFLICT: Final = "conflict"
 FORBIDDEN: Final = "forbidden"
+# The shard could not commit: the request may or may not have been decided. A retry
+# with the same idempotency key is safe; a client treats any status it does not know
+# the same way.
+UNAVAILABLE: Final = "unavailable"
 
 RESERVE_STATUSES: Final = frozenset(
-    {OK, SOLD_OUT, LIMIT_EXCEEDED, NOT_OPEN, CLOSED, UNKNOWN_SKU, NOT_REGISTERED, INVALID, BUSY}
+    {OK, SOLD_OUT, LIMIT_EXCEEDED, NOT_OPEN, CLOSED, UNKNOWN_SKU, NOT_REGISTERED, INVALID, BUSY, UNAVAILABLE}
 )
-HOLD_STATUSES: Final = frozenset({OK, EXPIRED, NOT_FOUND, CONFLICT, INVALID, BUSY})
+HOLD_STATUSES: Final = frozenset({OK, EXPIRED, NOT_FOUND, CONFLICT, INVALID, BUSY, UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
