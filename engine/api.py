@@ -277,8 +277,12 @@ async def open_engine(
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for shard in shards:
-                await shard.recover()
+            # Every shard is read before any file changes: a start refused for damage
+            # in one shard leaves the others' files as they were.
+            loaded = [await shard.load() for shard in shards]
+            for shard, rebuilt in zip(shards, loaded, strict=True):
+                await shard.adopt(rebuilt)
+            del loaded
         finally:
             if collecting:
                 gc.enable()

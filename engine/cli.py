@@ -1,9 +1,9 @@
 """The `soldout` command: a thin layer over the same engine API that tests use.
 
-    soldout serve [--config sale.toml] [--host H] [--port P] [--shards N] [--data-dir DIR]
-    soldout admin --url URL --token TOKEN put-sku|register|stock|stats ...
-    soldout export --data-dir DIR
-    soldout bench [flash|catalog|checkout] ...
+soldout serve [--config sale.toml] [--host H] [--port P] [--shards N] [--data-dir DIR]
+soldout admin --url URL --token TOKEN put-sku|register|stock|stats ...
+soldout export --data-dir DIR
+soldout bench [flash|catalog|checkout] ...
 """
 
 from __future__ import annotations

@@ -5,10 +5,17 @@ is already there up to the batch bound, decides every command in arrival order,
 commits the batch's records as one journal entry (one fsync when durable), and only
 then releases the replies. Single writer, so no locks; while a commit is on disk the
 mailbox fills, and the next batch is larger: group commit that grows with load.
+
+A commit that fails (a full disk, an I/O error) is not a crash: the shard answers that
+batch, and everything after it, `unavailable` (none of it is known to be on disk), and
+a background task rebuilds its book from the files, with backoff, until the disk takes
+writes again. The other shards serve on. A snapshot that fails is logged and retried
+later: the journal still holds everything.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +25,21 @@ import trio
 
 from engine.book import Book, Record
 from engine.config import EngineConfig
-from engine.store import ShardStore, write_snapshot
-from protocol.messages import AnyReply, Command
+from engine.journal import JournalCorrupt
+from engine.manifest import DataDirError
+from engine.store import RebuiltBook, ShardStore
+from protocol.messages import UNAVAILABLE, AnyReply, Command, Reply, Stock, StockReply
+
+log = logging.getLogger("soldout.shard")
+
+SERVING = "serving"
+UNAVAILABLE_STATE = "unavailable"
+# Backoff between attempts to reopen a shard's journal after a fault, and to retry a
+# snapshot that failed.
+RETRY_SECONDS_MIN = 0.1
+RETRY_SECONDS_MAX = 5.0
+# What recovery can meet on a disk that failed: kept trying, never a crash.
+DISK_FAULTS = (OSError, JournalCorrupt, DataDirError)
 
 
 class Ticket:
@@ -80,6 +100,9 @@ class ShardStatistics:
     skus: int
     holds: int
     journal_segment: int
+    state: str  # "serving", or "unavailable" while its journal cannot be written
+    faults: int  # commits that failed
+    snapshot_failures: int
 
 
 class Shard:
@@ -99,6 +122,15 @@ class Shard:
         self._batch_commands_max = config.limits.shard_batch_commands_max
         self.mailbox, self._inbox = trio.open_memory_channel[Ticket](config.limits.mailbox_batches_max)
         self._snapshot_running = False
+        self._snapshot_idle = trio.Event()
+        self._snapshot_idle.set()
+        self._snapshot_retry_at = -math.inf
+        self._snapshot_retry_seconds = RETRY_SECONDS_MIN
+        self._snapshot_failures = 0
+        # Set while the journal cannot be written: what failed, for the log and stats.
+        self.fault: BaseException | None = None
+        self._faults = 0
+        self._reopening = trio.CancelScope()
         self._batches = 0
         self._commands = 0
         self._records = 0
@@ -106,25 +138,55 @@ class Shard:
         self._commit_seconds = 0.0
         self._snapshots = 0
 
-    async def recover(self) -> None:
-        """Rebuild the book from the shard's files (a worker thread reads them)."""
-        if self.store is not None:
-            self.book = await trio.to_thread.run_sync(self.store.recover)
+    async def load(self) -> RebuiltBook | None:
+        """Read the book from the shard's files, changing none (a worker thread reads them).
+
+        Damage stops the start (JournalCorrupt, MissingFile); a disk that fails to read
+        starts the shard unavailable instead, retrying.
+        """
+        if self.store is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(self.store.load)
+        except OSError as error:
+            self._start_unavailable(error)
+            return None
+
+    async def adopt(self, rebuilt: RebuiltBook | None) -> None:
+        """Serve the loaded book: the store cuts its torn tail and records its progress."""
+        if self.store is None or rebuilt is None:
+            return
+        try:
+            self.book = await trio.to_thread.run_sync(self.store.adopt, rebuilt)
+        except OSError as error:
+            self._start_unavailable(error)
+
+    def _start_unavailable(self, error: OSError) -> None:
+        self._faults += 1
+        self.fault = error
+        self._reopening = trio.CancelScope()
+        log.error("shard %d: recovery failed on its disk (%s): starting unavailable", self.index, error)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the recovered book: report started, then serve the mailbox until it is closed."""
-        # Holds whose time ran out while the process was down end now, journaled.
-        records: list[Record] = []
-        self.book.expire_due(self._wall_clock(), records)
-        if records:
-            await self._commit(records, 0)
-        async with trio.open_nursery() as snapshot_nursery:
+        async with trio.open_nursery() as background:
+            # Holds whose time ran out while the process was down end now, journaled.
+            records: list[Record] = []
+            self.book.expire_due(self._wall_clock(), records)
+            if self.fault is not None:
+                background.start_soon(self._reopen_after_fault)
+            elif records:
+                # On a fault the shard starts unavailable, and its book is rebuilt from the files.
+                await self._commit_or_fault(records, 0, background)
             task_status.started()
-            await self._serve(snapshot_nursery)
+            try:
+                await self._serve(background)
+            finally:
+                # Retrying a broken journal has no point once the shard stops.
+                self._reopening.cancel()
 
-    async def _serve(self, snapshot_nursery: trio.Nursery) -> None:
+    async def _serve(self, background: trio.Nursery) -> None:
         inbox = self._inbox
-        book = self.book
         wall_clock = self._wall_clock
         batch_commands_max = self._batch_commands_max
         while True:
@@ -146,6 +208,12 @@ class Shard:
                         break
                     tickets.append(ticket)
                     commands += len(ticket.commands)
+            if self.fault is not None:
+                # Nothing is decided while the journal cannot be written.
+                for ticket in tickets:
+                    ticket.resolve([_unavailable(command) for command in ticket.commands])
+                continue
+            book = self.book
             now = wall_clock()
             records: list[Record] = []
             if len(tickets) == 1:
@@ -162,22 +230,63 @@ class Shard:
             else:
                 replies = []
                 book.expire_due(now, records)
-            if records:
-                await self._commit(records, commands)
+            if records and not await self._commit_or_fault(records, commands, background):
+                # Not known to be on disk: no reply of this batch may say `ok`.
+                replies = [[_unavailable(command) for command in ticket.commands] for ticket in tickets]
             # Only now, with the batch on disk, do the callers hear their answers.
             for ticket, ticket_replies in zip(tickets, replies, strict=True):
                 ticket.resolve(ticket_replies)
             self._batches += 1
             self._commands += commands
             self._records += len(records)
-            if self.store is not None and not self._snapshot_running and self._snapshot_due():
-                self._start_snapshot(snapshot_nursery)
+            if self.fault is None and self.store is not None and not self._snapshot_running and self._snapshot_due():
+                await self._start_snapshot(background)
 
     def _expiry_deadline(self) -> float:
+        if self.fault is not None:
+            return math.inf
         expires_at = self.book.next_expiry()
         if expires_at is None:
             return math.inf
         return trio.current_time() + max(0.0, expires_at - self._wall_clock())
+
+    async def _commit_or_fault(self, records: list[Record], commands: int, background: trio.Nursery) -> bool:
+        """Commit; on a disk error make the shard unavailable and start reopening it."""
+        try:
+            await self._commit(records, commands)
+        except OSError as error:
+            self._faults += 1
+            self.fault = error
+            log.error(
+                "shard %d: journal commit failed (%s): answering unavailable until its journal can be written again",
+                self.index,
+                error,
+            )
+            self._reopening = trio.CancelScope()
+            background.start_soon(self._reopen_after_fault)
+            return False
+        return True
+
+    async def _reopen_after_fault(self) -> None:
+        """Rebuild the book from disk, with backoff, until the journal takes writes again."""
+        assert self.store is not None
+        store = self.store
+        delay = RETRY_SECONDS_MIN
+        with self._reopening:
+            # A snapshot being written holds the store's files: let it finish first.
+            await self._snapshot_idle.wait()
+            while True:
+                await trio.sleep(delay)
+                try:
+                    book = await trio.to_thread.run_sync(store.restart_from_disk)
+                except DISK_FAULTS as error:
+                    log.warning("shard %d: journal still unavailable (%s); next try in %.1fs", self.index, error, delay)
+                    delay = min(delay * 2, RETRY_SECONDS_MAX)
+                    continue
+                self.book = book
+                self.fault = None
+                log.warning("shard %d: journal writable again; serving from %s", self.index, store.directory)
+                return
 
     async def _commit(self, records: list[Record], commands: int) -> None:
         store = self.store
@@ -198,24 +307,45 @@ class Shard:
     def _snapshot_due(self) -> bool:
         assert self.store is not None
         since = self.store.records_since_snapshot
-        return since >= self.config.snapshot_records_min and since >= len(self.book.holds) // 2
+        if since < self.config.snapshot_records_min or since < len(self.book.holds) // 2:
+            return False
+        return trio.current_time() >= self._snapshot_retry_at
 
-    def _start_snapshot(self, snapshot_nursery: trio.Nursery) -> None:
+    async def _start_snapshot(self, background: trio.Nursery) -> None:
         assert self.store is not None
-        # The state is copied now, between batches, so the copy is exactly what the
-        # journal holds up to the new segment; writing it runs beside new batches.
-        number = self.store.start_snapshot()
-        data = self.book.to_snapshot()
         self._snapshot_running = True
-        snapshot_nursery.start_soon(self._write_snapshot, number, data)
+        self._snapshot_idle = trio.Event()
+        try:
+            number = await trio.to_thread.run_sync(self.store.start_snapshot)
+        except OSError as error:
+            self._snapshot_failed(error)
+            return
+        # The state is copied now, before the next batch, so the copy is exactly what
+        # the journal holds up to the new segment; writing it runs beside new batches.
+        data = self.book.to_snapshot()
+        background.start_soon(self._write_snapshot, number, data)
 
     async def _write_snapshot(self, number: int, data: dict) -> None:
         assert self.store is not None
         try:
-            await trio.to_thread.run_sync(write_snapshot, self.store.directory, number, data)
+            await trio.to_thread.run_sync(self.store.finish_snapshot, number, data)
+        except OSError as error:
+            self._snapshot_failed(error)
+        else:
             self._snapshots += 1
-        finally:
+            self._snapshot_retry_seconds = RETRY_SECONDS_MIN
             self._snapshot_running = False
+            self._snapshot_idle.set()
+
+    def _snapshot_failed(self, error: OSError) -> None:
+        """Log it and try again later: the journal still holds everything."""
+        self._snapshot_failures += 1
+        delay = self._snapshot_retry_seconds
+        self._snapshot_retry_at = trio.current_time() + delay
+        self._snapshot_retry_seconds = min(delay * 2, RETRY_SECONDS_MAX)
+        log.error("shard %d: snapshot failed (%s); the journal holds everything", self.index, error)
+        self._snapshot_running = False
+        self._snapshot_idle.set()
 
     def statistics(self) -> ShardStatistics:
         channel = self.mailbox.statistics()
@@ -232,4 +362,12 @@ class Shard:
             skus=len(self.book.skus),
             holds=len(self.book.holds),
             journal_segment=self.store.segment if self.store is not None else 0,
+            state=SERVING if self.fault is None else UNAVAILABLE_STATE,
+            faults=self._faults,
+            snapshot_failures=self._snapshot_failures,
         )
+
+
+def _unavailable(command: Command) -> AnyReply:
+    error = "the shard's journal cannot be written; the outcome is unknown: retry with the same key"
+    return StockReply(UNAVAILABLE, error=error) if type(command) is Stock else Reply(UNAVAILABLE, error=error)

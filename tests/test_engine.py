@@ -15,6 +15,7 @@ import math
 import os
 import random
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from data_files import as_if_killed, entry_offsets, segment_entries
 
 from engine import (
     DataDirError,
@@ -31,7 +33,6 @@ from engine import (
     Limits,
     open_engine,
 )
-from engine.journal import read_entries
 from engine.router import shard_for_reservation, shard_for_sku
 from protocol.messages import Cancel, Confirm, PutSku, Reply, Reserve, Stock, StockReply
 
@@ -74,19 +75,6 @@ def flip_byte(path: str, position: int) -> bytes:
     data[position] ^= 0xFF
     Path(path).write_bytes(bytes(data))
     return bytes(data)
-
-
-def entry_offsets(path: str) -> list[int]:
-    """Where each journal entry starts: a 12-byte header holds the payload length."""
-    data = read_bytes(path)
-    offsets = []
-    offset = 0
-    while offset < len(data):
-        offsets.append(offset)
-        (length,) = struct.unpack_from("<I", data, offset + 4)
-        offset += 12 + length
-    assert offset == len(data)
-    return offsets
 
 
 # ------------------------------------------------------------------ every method and status
@@ -617,12 +605,13 @@ def damage_torn_last_entry(path: str) -> None:
 
 def damage_partial_header(path: str) -> None:
     with open(path, "ab") as file:
-        file.write(b"SJ\x00\x00\x40")
+        file.write(b"SJ\x02\x00\x40")
 
 
 def damage_partial_payload(path: str) -> None:
+    head = struct.pack("<4sII", b"SJ\x02\x00", 100, 12345)
     with open(path, "ab") as file:
-        file.write(struct.pack("<4sII", b"SJ\x00\x00", 100, 12345) + b"\x93" * 10)
+        file.write(head + struct.pack("<I", zlib.crc32(head)) + b"\x93" * 10)
 
 
 def damage_zeros(path: str) -> None:
@@ -653,6 +642,7 @@ async def test_a_torn_tail_is_cut_off_with_a_warning(
     path = os.path.join(data_dir, "shard-0", segment)
     committed = entry_offsets(path)
     prefix_bytes = committed[holds_kept + 1] if holds_kept + 1 < len(committed) else len(read_bytes(path))
+    as_if_killed(data_dir)
     damage(path)
     with caplog.at_level(logging.WARNING):
         async with open_engine(config) as engine:
@@ -683,7 +673,7 @@ async def test_corruption_before_the_tail_stops_the_start_naming_file_and_offset
     (segment,) = shard_files(data_dir, 0, "journal-")
     path = os.path.join(data_dir, "shard-0", segment)
     offset = entry_offsets(path)[entry]
-    data = flip_byte(path, offset + 12 + 2)  # a payload byte: the checksum no longer matches
+    data = flip_byte(path, offset + 16 + 2)  # a payload byte: the checksum no longer matches
     for _ in range(2):  # the failed start let go of the data directory
         with pytest.raises(JournalCorrupt) as raised:
             async with open_engine(config):
@@ -729,7 +719,9 @@ async def test_snapshots_bound_replay_and_reopen_to_the_same_state(
     assert numbers, f"seed={seed}"
     assert min(numbers) >= newest, f"seed={seed}: segments older than the snapshot were kept: {segments}"
     records_left = sum(
-        len(records) for name in segments for records in read_entries(os.path.join(data_dir, "shard-0", name)).entries
+        len(records)
+        for name in segments
+        for records in segment_entries(os.path.join(data_dir, "shard-0", name)).entries
     )
     # The first snapshot is due after 10 records: replay skips at least those.
     assert records_left <= records_written - 10, f"seed={seed}: replay reads {records_left} of {records_written}"

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+from data_files import as_if_killed
 
 from engine import DataDirError, EngineConfig, open_engine
 from engine.cli import main
@@ -80,8 +81,9 @@ async def test_export_reads_without_changing_a_file(
 
 def append_torn_entry(data_dir: str) -> None:
     """A torn tail, as a commit in progress on a running server leaves it."""
+    as_if_killed(data_dir)  # a running server has not recorded a clean close
     with open(os.path.join(data_dir, "shard-0", "journal-0000000000.log"), "ab") as file:
-        file.write(b"SJ\x00\x00\x40\x00")
+        file.write(b"SJ\x02\x00\x40\x00")
 
 
 def file_sizes(data_dir: str) -> dict[str, int]:

@@ -10,10 +10,12 @@ end.
 
 How a crash is simulated, and what the engine must recover
 -----------------------------------------------------------
-A crash closes the engine, then cuts the last journal segment of some shards at a
-random byte offset, as a write torn by a crash leaves it (the files are
-`data_dir/shard-N/journal-NNNNNNNNNN.log`). Time may pass while the engine is down
-(after a crash or a clean close): what ran out meanwhile must expire when it opens
+A crash closes the engine, leaves the manifests as a killed process leaves them
+(without the length a clean close records), then cuts the last journal segment of some
+shards at a random byte offset past the length its manifest says it reached, as a
+write torn by a crash leaves it (the files are `data_dir/shard-N/journal-NNNNNNNNNN.log`).
+Time may pass while the engine is down (after a crash or a clean close): what ran out
+meanwhile must expire when it opens
 again. (A torn entry followed by zeros, as a file system that grew the file but never
 wrote its data leaves it, has its own test at the bottom.) Cutting loses entries, so the model must
 lose the same ones. The model is kept per shard (a SKU's holds live on the SKU's
@@ -37,6 +39,15 @@ released, so the position after that operation is already in the new segment.
 A shard whose journal is not cut keeps its latest model copy, so a change that was
 decided but never journaled shows up as a difference at the next reopen.
 
+Damage that no crash explains
+-----------------------------
+Before some crashes' cuts, the simulation also damages the files the way a disk or an
+operator can: it inverts one byte of a random file (a segment header, an entry header
+or payload, a snapshot, a manifest), deletes a file or a whole shard directory, or cuts
+a segment below the length its manifest records. Every such start must refuse with the
+error that names the damaged file (JournalCorrupt, or MissingFile for what was
+deleted), change nothing, and start again once the files are restored.
+
 Replay a failing run with SOLDOUT_SEED=<seed> (the failure prints it); that variable
 also replaces the fixed seeds with the one given.
 """
@@ -54,9 +65,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from data_files import as_if_killed
 from model import Model, View, assert_same_reply, observe_engine
 
-from engine import Engine, EngineConfig, open_engine
+from engine import Engine, EngineConfig, JournalCorrupt, open_engine
+from engine.manifest import MissingFile, read_manifest
 from engine.router import shard_for_sku
 from protocol.messages import (
     INVALID,
@@ -169,6 +182,9 @@ class Simulation:
                 await self.compare_whole_state()
             self.engine = None
             if crash:
+                as_if_killed(self.directory)
+                if self.random.random() < 0.5:
+                    await self.damage_and_expect_refusal()
                 self.cut_journals()
             if self.random.random() < 0.5:
                 # Time passes while the engine is down: what ran out meanwhile expires at reopen.
@@ -407,15 +423,64 @@ class Simulation:
                 continue  # the first shard is always cut, each other one half of the time
             path, number = self.last_segment(shard)
             size = path.stat().st_size
-            if size == 0:
+            # What recovery or a new segment already fsynced, a crash cannot cut.
+            reached = read_manifest(str(path.parent), shard).active_bytes_min
+            if size <= reached:
                 continue
-            offset = self.random.randrange(size)
+            offset = self.random.randrange(reached, size)
             os.truncate(path, offset)
             self.count("journal cut")
             kept = [checkpoint for checkpoint in self.checkpoints[shard] if checkpoint.position <= (number, offset)]
             assert kept, f"shard {shard}: no recorded position at or before ({number}, {offset})"
             self.checkpoints[shard] = kept
             self.models[shard] = kept[-1].model.copy()
+
+    async def damage_and_expect_refusal(self) -> None:
+        """Damage no crash explains: the start must refuse naming the file, then the files go back."""
+        saved = {path: path.read_bytes() for path in self.directory.rglob("*") if path.is_file()}
+        shard = self.random.randrange(self.shards)
+        directory = self.directory / f"shard-{shard}"
+        files = sorted(path for path in directory.iterdir() if path.is_file())
+        roll = self.random.random()
+        if roll < 0.5:
+            target = self.random.choice(files)
+            data = bytearray(target.read_bytes())
+            data[self.random.randrange(len(data))] ^= 0xFF
+            target.write_bytes(bytes(data))
+            expected: type[Exception] = JournalCorrupt
+            self.count(f"damage: flip a byte of a {target.name.split('-')[0].split('.')[0]}")
+        elif roll < 0.8:
+            target = self.random.choice([*files, directory])
+            if target.is_dir():
+                for path in files:
+                    path.unlink()
+                target.rmdir()
+            else:
+                target.unlink()
+            expected = MissingFile
+            self.count("damage: delete a file")
+        else:
+            target, _ = self.last_segment(shard)
+            reached = read_manifest(str(directory), shard).active_bytes_min
+            if reached == 0:
+                return
+            os.truncate(target, self.random.randrange(reached))
+            expected = JournalCorrupt
+            self.count("damage: cut below what the journal reached")
+        with pytest.raises(expected) as raised:
+            async with open_engine(self.config):
+                pytest.fail(f"started on damaged files ({target})")
+        assert raised.value.path == str(target), f"the refusal names {raised.value.path}, not {target}"
+        for path in self.directory.rglob("*"):
+            if path.is_file() and path not in saved and path.name != "soldout.lock":
+                raise AssertionError(f"a refused start wrote {path}")
+        for path, data in saved.items():
+            path.parent.mkdir(exist_ok=True)
+            if not path.exists() or path.read_bytes() != data:
+                assert path == target or target.is_dir() or path.name == "soldout.lock", (
+                    f"a refused start changed {path}"
+                )
+                path.write_bytes(data)
 
     # ------------------------------------------------------------ comparing
 
@@ -467,10 +532,11 @@ def tear_last_entry(path: Path, last_entry_offset: int, bytes_kept: int, zeros_p
     [
         (1, 0, 16),  # nothing of the entry reached the disk
         (1, 2, 0),  # part of the magic
-        (1, 4, 0),  # the magic, then a zero length and a zero checksum
+        (1, 4, 0),  # the magic, then a zero length and zero checksums
         (1, 5, 0),
         (40, 5, 0),  # a length above 255 that lost its high bytes
         (1, 9, 0),
+        (1, 15, 0),  # all of the header but one byte of its checksum
         (1, 20, 0),  # part of the payload
         (1, 20, 40),  # and the file grew past the entry's end
     ],
@@ -489,6 +555,7 @@ async def test_a_torn_last_entry_followed_by_zeros_is_a_torn_tail(
         last_entry_offset = (await trio.Path(path).stat()).st_size
         requests = [Reserve("band", f"u{index}", 1, f"key-{index}") for index in range(reserves_in_last_entry)]
         assert all(reply.ok for reply in await engine.execute(requests))
+    as_if_killed(tmp_path)
     tear_last_entry(path, last_entry_offset, bytes_kept, zeros_past_the_end)
     async with open_engine(config) as engine:
         assert await engine.stock("band") == StockReply(OK, stock=100, available=100, held=0, sold=0)
