@@ -13,7 +13,8 @@ import os
 import struct
 import zlib
 
-from engine.journal import JournalCorrupt, fsync_directory, fsync_system_call
+from engine import journal
+from engine.journal import JournalCorrupt, fsync_directory
 
 HEADER = struct.Struct("<4sQI")  # magic, payload length, payload CRC-32
 TEMPORARY_SUFFIX = ".tmp"
@@ -28,7 +29,7 @@ def write_checked_file(path: str, magic: bytes, payload: bytes) -> None:
             file.write(HEADER.pack(magic, len(payload), zlib.crc32(payload)))
             file.write(payload)
             file.flush()
-            fsync_system_call(file.fileno())
+            journal.fsync_system_call(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         # A full disk leaves no half-written temporary behind to fill it further.
