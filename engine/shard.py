@@ -257,6 +257,10 @@ class Shard:
         except OSError as error:
             self._faults += 1
             self.fault = error
+            # The file's state is unknown now: nothing more goes to it, and a clean
+            # close must not record its length.
+            assert self.store is not None
+            self.store.close_after_fault()
             log.error(
                 "shard %d: journal commit failed (%s): answering unavailable until its journal can be written again",
                 self.index,

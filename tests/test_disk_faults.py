@@ -165,6 +165,24 @@ async def test_a_write_that_fails_halfway_leaves_no_ok_and_no_second_hold(
             assert (await engine.reserve("band", buyer="a", key=f"k{index}")).reservation == hold.reservation
 
 
+async def test_an_engine_closed_while_a_shard_is_unavailable_reopens_from_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = EngineConfig(shards=1, data_dir=str(tmp_path), durable=True, wall_clock=fixed_clock)
+    faults = DiskFaults(monkeypatch, tmp_path / "shard-0")
+    async with open_engine(config) as engine:
+        assert (await engine.put_sku("band", stock=5, per_buyer_limit=5)).ok
+        assert (await engine.reserve("band", buyer="a", key="kept")).ok
+        faults.failing = {"write"}
+        faults.partial_write_bytes = 9
+        assert (await engine.reserve("band", buyer="a", key="torn")).status == UNAVAILABLE
+        faults.failing = {"write", "fsync"}  # it cannot recover before the close
+    faults.failing = set()
+    async with open_engine(config) as engine:
+        assert (await engine.stock("band")).held == 1
+        assert (await engine.reserve("band", buyer="a", key="kept")).reservation == "0-1"
+
+
 async def test_a_disk_failing_at_start_starts_the_shard_unavailable_not_the_process_dead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
