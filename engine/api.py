@@ -20,16 +20,25 @@ from protocol.messages import (
     BUSY,
     INVALID,
     NOT_FOUND,
+    OK,
+    UNCHANGED,
     AnyReply,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
+    Unchanged,
+    status_reply,
 )
 
 SKU_SHARD_CACHE_MAX = 100_000
@@ -77,42 +86,64 @@ class Engine:
         self,
         sku: str,
         *,
-        stock: int,
-        per_buyer_limit: int = 1,
-        hold_seconds: float = 900,
-        opens_at: float | None = None,
-        closes_at: float | None = None,
-        registration_required: bool = False,
+        stock: int | Unchanged = UNCHANGED,
+        per_buyer_limit: int | Unchanged = UNCHANGED,
+        hold_seconds: float | Unchanged = UNCHANGED,
+        opens_at: float | Unchanged | None = UNCHANGED,
+        closes_at: float | Unchanged | None = UNCHANGED,
+        registration_required: bool | Unchanged = UNCHANGED,
     ) -> Reply:
-        """Create `sku`, or change its settings and set its total stock."""
+        """Create `sku` (`stock` is then required), or change the settings given and keep the rest.
+
+        `stock` is the total, held and sold included. `opens_at=None` / `closes_at=None`
+        clear the sale window's start / end; a setting not given stays as it is.
+        """
         command = PutSku(sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
         return await self._one(command)  # type: ignore[return-value]
 
-    async def register(self, sku: str, buyers: Iterable[str]) -> Reply:
-        """Let `buyers` reserve `sku`; any number of them, sent in bounded commands."""
+    async def get_sku(self, sku: str) -> SkuReply:
+        """Every setting and count of `sku`, its registered buyers, and whether it is open now."""
+        return await self._one(GetSku(sku))  # type: ignore[return-value]
+
+    async def register(self, sku: str, buyers: Iterable[str]) -> RegisterReply:
+        """Let `buyers` reserve `sku`; any number of them, sent in bounded commands.
+
+        The reply counts the buyers newly registered and those registered already.
+        """
         if isinstance(buyers, (str, bytes)) or not isinstance(buyers, Iterable):
-            return Reply(INVALID, error="buyers must be a list of buyer ids")
+            return RegisterReply(INVALID, error="buyers must be a list of buyer ids")
         buyers = list(buyers)
         # Every name is checked before any part is sent, so a bad one registers no one.
         for buyer in buyers:
             error = name_error(buyer, "buyer", self._string_bytes_max)
             if error:
-                return Reply(INVALID, error=error)
+                return RegisterReply(INVALID, error=error)
         size = self.config.limits.register_buyers_max
         commands = [Register(sku, buyers[start : start + size]) for start in range(0, len(buyers), size)]
         replies = await self.execute(commands or [Register(sku, [])])
         failed = [reply for reply in replies if reply.status != "ok"]
-        return failed[0] if failed else replies[0]  # type: ignore[return-value]
+        if failed:
+            return failed[0]  # type: ignore[return-value]
+        return RegisterReply(
+            OK,
+            registered=sum(reply.registered for reply in replies),  # type: ignore[union-attr]
+            already=sum(reply.already for reply in replies),  # type: ignore[union-attr]
+        )
 
     async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
         """Hold `qty` units of `sku` for `buyer`; a retry with the same `key` returns the first hold."""
         return await self._one(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
 
-    async def confirm(self, reservation: str, *, buyer: str) -> Reply:
-        return await self._one(Confirm(reservation, buyer))  # type: ignore[return-value]
+    async def confirm(self, reservation: str, *, buyer: str, order: str | None = None) -> Reply:
+        """Sell the hold's units for good; `order` links the hold to the order system's id."""
+        return await self._one(Confirm(reservation, buyer, order))  # type: ignore[return-value]
 
     async def cancel(self, reservation: str, *, buyer: str) -> Reply:
         return await self._one(Cancel(reservation, buyer))  # type: ignore[return-value]
+
+    async def hold(self, reservation: str, *, buyer: str) -> HoldReply:
+        """What became of a hold (its SKU, units, state, expiry and order), changing nothing."""
+        return await self._one(GetHold(reservation, buyer))  # type: ignore[return-value]
 
     async def stock(self, sku: str) -> StockReply:
         return await self._one(Stock(sku))  # type: ignore[return-value]
@@ -179,20 +210,20 @@ class Engine:
 
     def _route_checked(self, command: Command) -> int | AnyReply:
         kind = type(command)
-        if kind is Confirm or kind is Cancel:
+        if kind is Confirm or kind is Cancel or kind is GetHold:
             error = name_error(command.reservation, "reservation", self._string_bytes_max) or name_error(
                 command.buyer, "buyer", self._string_bytes_max
             )
             if error:
-                return Reply(INVALID, error=error)
+                return status_reply(command, INVALID, error)
             shard = shard_for_reservation(command.reservation, self._shard_count)
-            return Reply(NOT_FOUND) if shard is None else shard
-        if kind not in (Reserve, Stock, PutSku, Register):
+            return status_reply(command, NOT_FOUND) if shard is None else shard
+        if kind not in (Reserve, Stock, PutSku, Register, GetSku):
             return Reply(INVALID, error=f"{kind.__name__} is not a command")
         sku = command.sku
         error = name_error(sku, "sku", self._string_bytes_max)
         if error:
-            return StockReply(INVALID, error=error) if kind is Stock else Reply(INVALID, error=error)
+            return status_reply(command, INVALID, error)
         shard = shard_for_sku(sku, self._shard_count)
         # Remember the shard of valid SKU names, up to a bound: names that are not
         # SKUs (a client's typos, an attacker's noise) cannot grow memory without end.
@@ -249,8 +280,7 @@ class Engine:
 
 
 def _busy(command: Command) -> AnyReply:
-    error = "the shard's mailbox is full; retry later"
-    return StockReply(BUSY, error=error) if type(command) is Stock else Reply(BUSY, error=error)
+    return status_reply(command, BUSY, "the shard's mailbox is full; retry later")
 
 
 @asynccontextmanager

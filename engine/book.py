@@ -23,24 +23,35 @@ from protocol.messages import (
     CLOSED,
     CONFLICT,
     EXPIRED,
+    HOLD_SECONDS_DEFAULT,
     LIMIT_EXCEEDED,
     NOT_FOUND,
     NOT_OPEN,
     NOT_REGISTERED,
     OK,
+    PER_BUYER_LIMIT_DEFAULT,
     SOLD_OUT,
+    UNCHANGED,
     UNKNOWN_SKU,
     AnyReply,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
     invalid,
+)
+from protocol.messages import (
+    INVALID as INVALID_STATUS,
 )
 
 # Hold states. A hold is created HELD and ends exactly once, in one of the other three.
@@ -54,7 +65,7 @@ HOLD_STATE_NAMES = {HELD: "held", CONFIRMED: "confirmed", CANCELLED: "cancelled"
 RECORD_PUT_SKU = 1  # (kind, sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
 RECORD_REGISTER = 2  # (kind, sku, buyers)
 RECORD_HOLD = 3  # (kind, hold_number, sku, buyer, qty, created_at, expires_at, key)
-RECORD_CONFIRM = 4  # (kind, hold_number, at)
+RECORD_CONFIRM = 4  # (kind, hold_number, at) or (kind, hold_number, at, order)
 RECORD_CANCEL = 5  # (kind, hold_number, at)
 RECORD_EXPIRE = 6  # (kind, hold_number, at)
 
@@ -71,6 +82,9 @@ _REPLY_EXPIRED = Reply(EXPIRED)
 _REPLY_NOT_FOUND = Reply(NOT_FOUND)
 _REPLY_CONFLICT = Reply(CONFLICT)
 _STOCK_UNKNOWN_SKU = StockReply(UNKNOWN_SKU)
+_SKU_UNKNOWN_SKU = SkuReply(UNKNOWN_SKU)
+_REGISTER_UNKNOWN_SKU = RegisterReply(UNKNOWN_SKU)
+_HOLD_NOT_FOUND = HoldReply(NOT_FOUND)
 
 
 class InvariantViolation(AssertionError):
@@ -152,11 +166,15 @@ class SkuState:
     def available(self) -> int:
         return self.stock - self.held - self.sold
 
+    def is_open(self, now: float) -> bool:
+        """Whether a reserve at `now` passes the sale-window checks (not_open, closed)."""
+        return (self.opens_at is None or now >= self.opens_at) and (self.closes_at is None or now < self.closes_at)
+
 
 class Hold:
     """Units set aside for one buyer; ends once: confirmed, cancelled or expired."""
 
-    __slots__ = ("buyer", "created_at", "ended_at", "expires_at", "key", "number", "qty", "sku", "state")
+    __slots__ = ("buyer", "created_at", "ended_at", "expires_at", "key", "number", "order", "qty", "sku", "state")
 
     def __init__(
         self,
@@ -177,6 +195,7 @@ class Hold:
         self.state = HELD
         self.ended_at: float | None = None
         self.key = key
+        self.order: str | None = None  # the order system's id, given at confirm
 
 
 class Book:
@@ -226,6 +245,10 @@ class Book:
                 append(self._put_sku(command, records))
             elif kind is Register:
                 append(self._register(command, records))
+            elif kind is GetSku:
+                append(self._get_sku(command, now))
+            elif kind is GetHold:
+                append(self._get_hold(command))
             else:
                 append(invalid(f"unknown command {kind.__name__}"))
         return replies
@@ -320,20 +343,30 @@ class Book:
             remaining=available - qty,
         )
 
-    def _end_hold(self, command: Confirm | Cancel, now: float, records: list[Record], ending: int) -> Reply:
+    def _find_hold(self, reservation: Any, buyer: Any) -> Hold | Reply:
+        """The hold `reservation` names, when it is `buyer`'s; otherwise the reply to give."""
         string_bytes_max = self.limits.string_bytes_max
-        error = name_error(command.reservation, "reservation", string_bytes_max) or name_error(
-            command.buyer, "buyer", string_bytes_max
-        )
+        error = name_error(reservation, "reservation", string_bytes_max) or name_error(buyer, "buyer", string_bytes_max)
         if error:
             return invalid(error)
-        parsed = parse_reservation(command.reservation)
+        parsed = parse_reservation(reservation)
         if parsed is None or parsed[0] != self.shard:
             return _REPLY_NOT_FOUND
         hold = self.holds.get(parsed[1])
         # A wrong buyer learns nothing: the answer is the same as for an unknown id.
-        if hold is None or hold.buyer != command.buyer:
+        if hold is None or hold.buyer != buyer:
             return _REPLY_NOT_FOUND
+        return hold
+
+    def _end_hold(self, command: Confirm | Cancel, now: float, records: list[Record], ending: int) -> Reply:
+        order = command.order if ending == CONFIRMED else None
+        if order is not None:
+            error = name_error(order, "order", self.limits.string_bytes_max)
+            if error:
+                return invalid(error)
+        hold = self._find_hold(command.reservation, command.buyer)
+        if type(hold) is not Hold:
+            return hold
         state = hold.state
         if state == HELD:
             if now >= hold.expires_at:
@@ -341,49 +374,114 @@ class Book:
                 self._replay_end(record, EXPIRED_STATE)
                 records.append(record)
                 return _REPLY_EXPIRED
-            record = (RECORD_CONFIRM if ending == CONFIRMED else RECORD_CANCEL, hold.number, now)
+            if ending == CONFIRMED:
+                record = (
+                    (RECORD_CONFIRM, hold.number, now) if order is None else (RECORD_CONFIRM, hold.number, now, order)
+                )
+            else:
+                record = (RECORD_CANCEL, hold.number, now)
             self._replay_end(record, ending)
             records.append(record)
             return _REPLY_OK
         if state == ending:
-            return _REPLY_OK  # a retry of what already happened
+            # A retry of what already happened; a confirm naming another order is not one.
+            if order is not None and order != hold.order:
+                return _REPLY_CONFLICT
+            return _REPLY_OK
         if state == EXPIRED_STATE:
             return _REPLY_EXPIRED
         return _REPLY_CONFLICT
 
+    def _get_hold(self, command: GetHold) -> HoldReply:
+        hold = self._find_hold(command.reservation, command.buyer)
+        if type(hold) is not Hold:
+            return _HOLD_NOT_FOUND if hold is _REPLY_NOT_FOUND else HoldReply(hold.status, error=hold.error)
+        return HoldReply(
+            OK,
+            sku=hold.sku.sku,
+            qty=hold.qty,
+            state=HOLD_STATE_NAMES[hold.state],  # type: ignore[arg-type]
+            expires_at=hold.expires_at,
+            order=hold.order,
+        )
+
+    def _get_sku(self, command: GetSku, now: float) -> SkuReply:
+        error = name_error(command.sku, "sku", self.limits.string_bytes_max)
+        if error:
+            return SkuReply(INVALID_STATUS, error=error)
+        state = self.skus.get(command.sku)
+        if state is None:
+            return _SKU_UNKNOWN_SKU
+        return SkuReply(
+            OK,
+            sku=state.sku,
+            stock=state.stock,
+            available=state.available,
+            held=state.held,
+            sold=state.sold,
+            per_buyer_limit=state.per_buyer_limit,
+            hold_seconds=state.hold_seconds,
+            opens_at=state.opens_at,
+            closes_at=state.closes_at,
+            registration_required=state.registration_required,
+            registered=len(state.registered),
+            open=state.is_open(now),
+        )
+
     def _stock(self, command: Stock) -> StockReply:
         error = name_error(command.sku, "sku", self.limits.string_bytes_max)
         if error:
-            return StockReply("invalid", error=error)
+            return StockReply(INVALID_STATUS, error=error)
         state = self.skus.get(command.sku)
         if state is None:
             return _STOCK_UNKNOWN_SKU
         return StockReply(OK, stock=state.stock, available=state.available, held=state.held, sold=state.sold)
 
     def _put_sku(self, command: PutSku, records: list[Record]) -> Reply:
+        """Create the SKU, or change the fields given; the record holds every setting."""
         limits = self.limits
         error = name_error(command.sku, "sku", limits.string_bytes_max)
         if error:
             return invalid(error)
-        stock = command.stock
+        state = self.skus.get(command.sku)
+        if state is None:
+            if command.stock is UNCHANGED:
+                return invalid("stock is required to create a SKU")
+            current = (0, PER_BUYER_LIMIT_DEFAULT, HOLD_SECONDS_DEFAULT, None, None, False)
+        else:
+            current = (
+                state.stock,
+                state.per_buyer_limit,
+                state.hold_seconds,
+                state.opens_at,
+                state.closes_at,
+                state.registration_required,
+            )
+        given = (
+            command.stock,
+            command.per_buyer_limit,
+            command.hold_seconds,
+            command.opens_at,
+            command.closes_at,
+            command.registration_required,
+        )
+        stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required = (
+            now_current if value is UNCHANGED else value for value, now_current in zip(given, current, strict=True)
+        )
         if type(stock) is not int or not 0 <= stock <= limits.stock_max:
             return invalid(f"stock must be an integer from 0 to {limits.stock_max}")
-        per_buyer_limit = command.per_buyer_limit
         if type(per_buyer_limit) is not int or not 1 <= per_buyer_limit <= limits.stock_max:
             return invalid(f"per_buyer_limit must be an integer from 1 to {limits.stock_max}")
-        hold_seconds = command.hold_seconds
         if not _is_time(hold_seconds) or not 0 < hold_seconds <= 366 * 86400:
             return invalid("hold_seconds must be a number of seconds above 0 and at most a year")
-        opens_at, closes_at = command.opens_at, command.closes_at
         if opens_at is not None and not _is_time(opens_at):
             return invalid("opens_at must be epoch seconds or null")
         if closes_at is not None and not _is_time(closes_at):
             return invalid("closes_at must be epoch seconds or null")
         if opens_at is not None and closes_at is not None and closes_at <= opens_at:
             return invalid("closes_at must be after opens_at")
-        if type(command.registration_required) is not bool:
+        if type(registration_required) is not bool:
             return invalid("registration_required must be true or false")
-        state = self.skus.get(command.sku)
         if state is not None:
             if stock < state.held + state.sold:
                 return invalid(f"stock {stock} is below the {state.held + state.sold} units held and sold")
@@ -398,33 +496,36 @@ class Book:
             hold_seconds,
             opens_at,
             closes_at,
-            command.registration_required,
+            registration_required,
         )
         self._replay_put_sku(record)
         records.append(record)
         return _REPLY_OK
 
-    def _register(self, command: Register, records: list[Record]) -> Reply:
+    def _register(self, command: Register, records: list[Record]) -> RegisterReply:
         limits = self.limits
         error = name_error(command.sku, "sku", limits.string_bytes_max)
         if error:
-            return invalid(error)
+            return RegisterReply(INVALID_STATUS, error=error)
         buyers = command.buyers
         if type(buyers) not in (list, tuple) or len(buyers) > limits.register_buyers_max:
-            return invalid(f"buyers must be a list of at most {limits.register_buyers_max} buyers")
+            return RegisterReply(
+                INVALID_STATUS, error=f"buyers must be a list of at most {limits.register_buyers_max} buyers"
+            )
         for buyer in buyers:
             error = name_error(buyer, "buyer", limits.string_bytes_max)
             if error:
-                return invalid(error)
+                return RegisterReply(INVALID_STATUS, error=error)
         state = self.skus.get(command.sku)
         if state is None:
-            return _REPLY_UNKNOWN_SKU
-        new_buyers = [buyer for buyer in dict.fromkeys(buyers) if buyer not in state.registered]
+            return _REGISTER_UNKNOWN_SKU
+        distinct = dict.fromkeys(buyers)
+        new_buyers = [buyer for buyer in distinct if buyer not in state.registered]
         if new_buyers:
             record = (RECORD_REGISTER, command.sku, new_buyers)
             self._replay_register(record)
             records.append(record)
-        return _REPLY_OK
+        return RegisterReply(OK, registered=len(new_buyers), already=len(distinct) - len(new_buyers))
 
     # ------------------------------------------------------------ changing state
     # Every change goes through these, live and at replay alike, so replaying the
@@ -468,12 +569,14 @@ class Book:
         heapq.heappush(self._expiry_heap, (expires_at, number))
 
     def _replay_end(self, record: Record, ending: int) -> None:
-        _, number, at = record
+        number, at = record[1], record[2]
         hold = self.holds[number]
         if hold.state != HELD:
             raise InvariantViolation(f"hold {number} ended twice")
         hold.state = ending
         hold.ended_at = at
+        if len(record) > 3:
+            hold.order = record[3]
         state = hold.sku
         state.held -= hold.qty
         if ending == CONFIRMED:
@@ -526,7 +629,7 @@ class Book:
                 for s in self.skus.values()
             ],
             "holds": [
-                [h.number, h.sku.sku, h.buyer, h.qty, h.created_at, h.expires_at, h.state, h.ended_at, h.key]
+                [h.number, h.sku.sku, h.buyer, h.qty, h.created_at, h.expires_at, h.state, h.ended_at, h.key, h.order]
                 for h in self.holds.values()
             ],
         }
@@ -546,11 +649,14 @@ class Book:
             state.registered = set(registered)
         holds = book.holds
         heap = book._expiry_heap
-        for number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key in data["holds"]:
+        for entry in data["holds"]:
+            # Snapshots written before orders were linked to holds have nine fields.
+            number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key = entry[:9]
             state = skus[sku]
             hold = holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
             hold.state = hold_state
             hold.ended_at = ended_at
+            hold.order = entry[9] if len(entry) > 9 else None
             if key is not None:
                 state.keys[key] = number
             if hold_state == HELD:

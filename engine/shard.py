@@ -28,7 +28,7 @@ from engine.config import EngineConfig
 from engine.journal import JournalCorrupt
 from engine.manifest import DataDirError
 from engine.store import RebuiltBook, ShardStore
-from protocol.messages import UNAVAILABLE, AnyReply, Command, Reply, Stock, StockReply
+from protocol.messages import UNAVAILABLE, AnyReply, Command, status_reply
 
 log = logging.getLogger("soldout.shard")
 
@@ -372,6 +372,8 @@ class Shard:
         )
 
 
+UNAVAILABLE_ERROR = "the shard's journal cannot be written; the outcome is unknown: retry with the same key"
+
+
 def _unavailable(command: Command) -> AnyReply:
-    error = "the shard's journal cannot be written; the outcome is unknown: retry with the same key"
-    return StockReply(UNAVAILABLE, error=error) if type(command) is Stock else Reply(UNAVAILABLE, error=error)
+    return status_reply(command, UNAVAILABLE, UNAVAILABLE_ERROR)

@@ -33,16 +33,23 @@ from trio_websocket import (
 from protocol.codec import ClientCodec, RemoteProtocolError, reply_from_map, request_map
 from protocol.limits import Limits
 from protocol.messages import (
+    UNCHANGED,
     AnyReply,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
+    Unchanged,
 )
 
 log = logging.getLogger("soldout.client")
@@ -135,11 +142,15 @@ class Client:
     async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
         return await self.call(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
 
-    async def confirm(self, reservation: str, *, buyer: str) -> Reply:
-        return await self.call(Confirm(reservation, buyer))  # type: ignore[return-value]
+    async def confirm(self, reservation: str, *, buyer: str, order: str | None = None) -> Reply:
+        return await self.call(Confirm(reservation, buyer, order))  # type: ignore[return-value]
 
     async def cancel(self, reservation: str, *, buyer: str) -> Reply:
         return await self.call(Cancel(reservation, buyer))  # type: ignore[return-value]
+
+    async def hold(self, reservation: str, *, buyer: str) -> HoldReply:
+        """What became of a hold, changing nothing: for a frontend that lost a reply."""
+        return await self.call(GetHold(reservation, buyer))  # type: ignore[return-value]
 
     async def stock(self, sku: str) -> StockReply:
         return await self.call(Stock(sku))  # type: ignore[return-value]
@@ -148,17 +159,21 @@ class Client:
         self,
         sku: str,
         *,
-        stock: int,
-        per_buyer_limit: int = 1,
-        hold_seconds: float = 900,
-        opens_at: float | None = None,
-        closes_at: float | None = None,
-        registration_required: bool = False,
+        stock: int | Unchanged = UNCHANGED,
+        per_buyer_limit: int | Unchanged = UNCHANGED,
+        hold_seconds: float | Unchanged = UNCHANGED,
+        opens_at: float | Unchanged | None = UNCHANGED,
+        closes_at: float | Unchanged | None = UNCHANGED,
+        registration_required: bool | Unchanged = UNCHANGED,
     ) -> Reply:
+        """Create a SKU (`stock` required) or change the settings given; the rest stay."""
         command = PutSku(sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
         return await self.call(command)  # type: ignore[return-value]
 
-    async def register(self, sku: str, buyers: Iterable[str]) -> Reply:
+    async def get_sku(self, sku: str) -> SkuReply:
+        return await self.call(GetSku(sku))  # type: ignore[return-value]
+
+    async def register(self, sku: str, buyers: Iterable[str]) -> RegisterReply:
         return await self.call(Register(sku, list(buyers)))  # type: ignore[return-value]
 
     async def ping(self) -> Reply:

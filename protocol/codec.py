@@ -38,15 +38,22 @@ from protocol.messages import (
     NOT_REGISTERED,
     OK,
     SOLD_OUT,
+    UNAVAILABLE,
+    UNCHANGED,
     UNKNOWN_SKU,
     AnyReply,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
 )
@@ -57,8 +64,8 @@ PROTOCOL_VERSION: Final = "v1"
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 CLOSE_INVALID_PAYLOAD: Final = 1007
 
-FRONTEND_OPS: Final = frozenset({"reserve", "confirm", "cancel", "stock", "ping"})
-ADMIN_OPS: Final = frozenset({"put_sku", "register", "stats"})
+FRONTEND_OPS: Final = frozenset({"reserve", "confirm", "cancel", "hold", "stock", "ping"})
+ADMIN_OPS: Final = frozenset({"put_sku", "get_sku", "register", "stats"})
 OPS: Final = FRONTEND_OPS | ADMIN_OPS
 
 REPLY_STATUSES: Final = frozenset(
@@ -76,6 +83,7 @@ REPLY_STATUSES: Final = frozenset(
         NOT_FOUND,
         CONFLICT,
         FORBIDDEN,
+        UNAVAILABLE,
     }
 )
 
@@ -143,7 +151,6 @@ _SET_REQUEST_ID, _SET_REQUEST_OP, _SET_REQUEST_COMMAND, _SET_REQUEST_ERROR = _sl
 _SET_RESERVE_SKU, _SET_RESERVE_BUYER, _SET_RESERVE_QTY, _SET_RESERVE_KEY = _slot_setters(
     Reserve, "sku", "buyer", "qty", "key"
 )
-_SET_CONFIRM_RESERVATION, _SET_CONFIRM_BUYER = _slot_setters(Confirm, "reservation", "buyer")
 _SET_CANCEL_RESERVATION, _SET_CANCEL_BUYER = _slot_setters(Cancel, "reservation", "buyer")
 
 
@@ -192,12 +199,16 @@ def _build_reserve(request_id: int, op: str, fields: dict[Any, Any]) -> Request 
 
 
 def _build_confirm(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
-    if len(fields) != 4 or "reservation" not in fields or "buyer" not in fields:
+    count = len(fields)
+    if count == 4:
+        order = None
+    elif count == 5 and "order" in fields:
+        order = fields["order"]
+    else:
         return None
-    command = _new(Confirm)
-    _SET_CONFIRM_RESERVATION(command, fields["reservation"])
-    _SET_CONFIRM_BUYER(command, fields["buyer"])
-    return _request(request_id, op, command, None)
+    if "reservation" not in fields or "buyer" not in fields:
+        return None
+    return _request(request_id, op, Confirm(fields["reservation"], fields["buyer"], order), None)
 
 
 def _build_cancel(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
@@ -222,18 +233,31 @@ def _build_without_fields(request_id: int, op: str, fields: dict[Any, Any]) -> R
 
 
 def _build_put_sku(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
-    if "sku" not in fields or "stock" not in fields or not fields.keys() <= _PUT_SKU_FIELDS:
+    if "sku" not in fields or not fields.keys() <= _PUT_SKU_FIELDS:
         return None
+    # A field left out keeps the SKU's current value; null is a value (it clears a time).
     command = PutSku(
         fields["sku"],
-        fields["stock"],
-        fields.get("per_buyer_limit", 1),
-        fields.get("hold_seconds", 900),
-        fields.get("opens_at"),
-        fields.get("closes_at"),
-        fields.get("registration_required", False),
+        fields.get("stock", UNCHANGED),
+        fields.get("per_buyer_limit", UNCHANGED),
+        fields.get("hold_seconds", UNCHANGED),
+        fields.get("opens_at", UNCHANGED),
+        fields.get("closes_at", UNCHANGED),
+        fields.get("registration_required", UNCHANGED),
     )
     return _request(request_id, op, command, None)
+
+
+def _build_get_sku(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
+    if len(fields) != 3 or "sku" not in fields:
+        return None
+    return _request(request_id, op, GetSku(fields["sku"]), None)
+
+
+def _build_hold(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
+    if len(fields) != 4 or "reservation" not in fields or "buyer" not in fields:
+        return None
+    return _request(request_id, op, GetHold(fields["reservation"], fields["buyer"]), None)
 
 
 def _build_register(request_id: int, op: str, fields: dict[Any, Any]) -> Request | None:
@@ -252,20 +276,38 @@ class _Operation:
 # The fields of each op, besides the "id" and "op" that every request holds.
 _OPERATIONS: Final[dict[str, _Operation]] = {
     "reserve": _Operation(("sku", "buyer", "qty"), ("key",), _build_reserve),
-    "confirm": _Operation(("reservation", "buyer"), (), _build_confirm),
+    "confirm": _Operation(("reservation", "buyer"), ("order",), _build_confirm),
     "cancel": _Operation(("reservation", "buyer"), (), _build_cancel),
+    "hold": _Operation(("reservation", "buyer"), (), _build_hold),
     "stock": _Operation(("sku",), (), _build_stock),
     "ping": _Operation((), (), _build_without_fields),
     "put_sku": _Operation(
-        ("sku", "stock"),
-        ("per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"),
+        ("sku",),
+        ("stock", "per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"),
         _build_put_sku,
     ),
+    "get_sku": _Operation(("sku",), (), _build_get_sku),
     "register": _Operation(("sku", "buyers"), (), _build_register),
     "stats": _Operation((), (), _build_without_fields),
 }
 assert frozenset(_OPERATIONS) == OPS
 _PUT_SKU_FIELDS: Final = frozenset({"id", "op", *_OPERATIONS["put_sku"].required, *_OPERATIONS["put_sku"].optional})
+_SKU_REPLY_FIELDS: Final = (
+    "sku",
+    "stock",
+    "available",
+    "held",
+    "sold",
+    "per_buyer_limit",
+    "hold_seconds",
+    "opens_at",
+    "closes_at",
+    "registration_required",
+    "registered",
+    "open",
+)
+_HOLD_REPLY_FIELDS: Final = ("sku", "qty", "state", "expires_at", "order")
+_REPLY_TYPES: Final = frozenset({Reply, StockReply, RegisterReply, SkuReply, HoldReply})
 _BUILDERS: Final[dict[str, Builder]] = {op: operation.build for op, operation in _OPERATIONS.items()}
 
 
@@ -409,8 +451,8 @@ class ServerCodec:
         """
         if reply is not None:
             kind = type(reply)
-            if kind is not Reply and kind is not StockReply:
-                raise LocalProtocolError(f"a reply must be a Reply or a StockReply, not {kind.__name__}")
+            if kind not in _REPLY_TYPES:
+                raise LocalProtocolError(f"not a reply type of protocol v1: {kind.__name__}")
             answer: dict[str, Any] = {"id": request.id, "status": reply.status}
             if kind is Reply:
                 if reply.reservation is not None:
@@ -419,7 +461,7 @@ class ServerCodec:
                     answer["expires_at"] = float(reply.expires_at)
                 if reply.remaining is not None:
                     answer["remaining"] = reply.remaining
-            else:
+            elif kind is StockReply:
                 if reply.stock is not None:
                     answer["stock"] = reply.stock
                 if reply.available is not None:
@@ -428,6 +470,15 @@ class ServerCodec:
                     answer["held"] = reply.held
                 if reply.sold is not None:
                     answer["sold"] = reply.sold
+            elif kind is RegisterReply:
+                if reply.registered is not None:
+                    answer["registered"] = reply.registered
+                    answer["already"] = reply.already
+            elif reply.status == OK:  # get_sku and hold: every field, null ones too
+                for name in _SKU_REPLY_FIELDS if kind is SkuReply else _HOLD_REPLY_FIELDS:
+                    answer[name] = getattr(reply, name)
+                if kind is HoldReply:
+                    answer["expires_at"] = float(reply.expires_at)  # type: ignore[union-attr, arg-type]
             if reply.error is not None:
                 answer["error"] = reply.error
         elif request.error is not None:
@@ -532,23 +583,24 @@ def request_map(request_id: int, command: Command) -> dict[str, Any]:
         if command.key is not None:
             fields["key"] = command.key
         return fields
-    if kind is Confirm or kind is Cancel:
-        op = "confirm" if kind is Confirm else "cancel"
+    if kind is Confirm:
+        fields = {"id": request_id, "op": "confirm", "reservation": command.reservation, "buyer": command.buyer}
+        if command.order is not None:
+            fields["order"] = command.order
+        return fields
+    if kind is Cancel or kind is GetHold:
+        op = "cancel" if kind is Cancel else "hold"
         return {"id": request_id, "op": op, "reservation": command.reservation, "buyer": command.buyer}
-    if kind is Stock:
-        return {"id": request_id, "op": "stock", "sku": command.sku}
+    if kind is Stock or kind is GetSku:
+        return {"id": request_id, "op": "stock" if kind is Stock else "get_sku", "sku": command.sku}
     if kind is PutSku:
-        return {
-            "id": request_id,
-            "op": "put_sku",
-            "sku": command.sku,
-            "stock": command.stock,
-            "per_buyer_limit": command.per_buyer_limit,
-            "hold_seconds": command.hold_seconds,
-            "opens_at": command.opens_at,
-            "closes_at": command.closes_at,
-            "registration_required": command.registration_required,
-        }
+        fields = {"id": request_id, "op": "put_sku", "sku": command.sku}
+        # A field left UNCHANGED is left out of the map: the server keeps its value.
+        for name in _OPERATIONS["put_sku"].optional:
+            value = getattr(command, name)
+            if value is not UNCHANGED:
+                fields[name] = value
+        return fields
     if kind is Register:
         return {"id": request_id, "op": "register", "sku": command.sku, "buyers": command.buyers}
     raise LocalProtocolError(f"not a command: {kind.__name__}")
@@ -561,6 +613,12 @@ def reply_from_map(op: str, reply: Mapping[str, Any]) -> AnyReply:
         return StockReply(
             status, reply.get("stock"), reply.get("available"), reply.get("held"), reply.get("sold"), reply.get("error")
         )
+    if op == "register":
+        return RegisterReply(status, reply.get("registered"), reply.get("already"), reply.get("error"))
+    if op == "get_sku":
+        return SkuReply(status, **{name: reply.get(name) for name in _SKU_REPLY_FIELDS}, error=reply.get("error"))
+    if op == "hold":
+        return HoldReply(status, **{name: reply.get(name) for name in _HOLD_REPLY_FIELDS}, error=reply.get("error"))
     if op not in OPS:
         raise LocalProtocolError(f"unknown op {op!r:.80}")
     return Reply(status, reply.get("reservation"), reply.get("expires_at"), reply.get("remaining"), reply.get("error"))

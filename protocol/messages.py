@@ -9,7 +9,7 @@ values still end as an `invalid` reply, never an exception.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 # Reply statuses. A business outcome is a status, never an exception.
 OK: Final = "ok"
@@ -36,6 +36,33 @@ RESERVE_STATUSES: Final = frozenset(
 HOLD_STATUSES: Final = frozenset({OK, EXPIRED, NOT_FOUND, CONFLICT, INVALID, BUSY, UNAVAILABLE})
 
 
+class Unchanged:
+    """The value of a put_sku field left out: the SKU keeps its current setting."""
+
+    _instance: Unchanged | None = None
+
+    def __new__(cls) -> Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Final = Unchanged()
+
+# The settings a SKU is created with when put_sku leaves them out.
+PER_BUYER_LIMIT_DEFAULT: Final = 1
+HOLD_SECONDS_DEFAULT: Final = 900
+
+# Hold states, as the hold op and the export name them.
+HoldState = Literal["held", "confirmed", "cancelled", "expired"]
+
+
 @dataclass(frozen=True, slots=True)
 class Reserve:
     """Set `qty` units of `sku` aside for `buyer`; `key` makes a retry safe."""
@@ -48,10 +75,11 @@ class Reserve:
 
 @dataclass(frozen=True, slots=True)
 class Confirm:
-    """The hold's units are sold for good."""
+    """The hold's units are sold for good; `order` links it to the order system's id."""
 
     reservation: Any
     buyer: Any
+    order: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,15 +99,35 @@ class Stock:
 
 @dataclass(frozen=True, slots=True)
 class PutSku:
-    """Create a SKU, or change its settings and restock it (`stock` is the total)."""
+    """Create a SKU, or change the settings given and keep the rest (`stock` is the total).
+
+    A field left UNCHANGED keeps the SKU's current value; when the SKU is created it takes
+    the default (`stock` has none: creating a SKU needs it). `opens_at` / `closes_at` set
+    to None clear the sale window's start or end.
+    """
 
     sku: Any
-    stock: Any
-    per_buyer_limit: Any = 1
-    hold_seconds: Any = 900
-    opens_at: Any = None
-    closes_at: Any = None
-    registration_required: Any = False
+    stock: Any = UNCHANGED
+    per_buyer_limit: Any = UNCHANGED
+    hold_seconds: Any = UNCHANGED
+    opens_at: Any = UNCHANGED
+    closes_at: Any = UNCHANGED
+    registration_required: Any = UNCHANGED
+
+
+@dataclass(frozen=True, slots=True)
+class GetSku:
+    """Every setting and count of `sku`, the number of registered buyers, and whether it is open."""
+
+    sku: Any
+
+
+@dataclass(frozen=True, slots=True)
+class GetHold:
+    """Look a hold up without changing it: its SKU, units, state, expiry and order."""
+
+    reservation: Any
+    buyer: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +138,7 @@ class Register:
     buyers: Any
 
 
-Command = Reserve | Confirm | Cancel | Stock | PutSku | Register
+Command = Reserve | Confirm | Cancel | Stock | PutSku | Register | GetSku | GetHold
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +176,77 @@ class StockReply:
         return self.status == OK
 
 
-AnyReply = Reply | StockReply
+@dataclass(frozen=True, slots=True)
+class RegisterReply:
+    """The answer to register: buyers newly registered, and those registered already."""
+
+    status: str
+    registered: int | None = None
+    already: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+@dataclass(frozen=True, slots=True)
+class SkuReply:
+    """The answer to get_sku. `open`: a reserve now would pass the sale-window checks."""
+
+    status: str
+    sku: str | None = None
+    stock: int | None = None
+    available: int | None = None
+    held: int | None = None
+    sold: int | None = None
+    per_buyer_limit: int | None = None
+    hold_seconds: float | None = None
+    opens_at: float | None = None
+    closes_at: float | None = None
+    registration_required: bool | None = None
+    registered: int | None = None
+    open: bool | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReply:
+    """The answer to hold: `state` is held, confirmed, cancelled or expired."""
+
+    status: str
+    sku: str | None = None
+    qty: int | None = None
+    state: HoldState | None = None
+    expires_at: float | None = None
+    order: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+AnyReply = Reply | StockReply | RegisterReply | SkuReply | HoldReply
 
 
 def invalid(error: str) -> Reply:
     return Reply(INVALID, error=error)
+
+
+def status_reply(command: object, status: str, error: str | None = None) -> AnyReply:
+    """A reply of the type `command` is answered with, carrying only a status and error."""
+    kind = type(command)
+    if kind is Stock:
+        return StockReply(status, error=error)
+    if kind is Register:
+        return RegisterReply(status, error=error)
+    if kind is GetSku:
+        return SkuReply(status, error=error)
+    if kind is GetHold:
+        return HoldReply(status, error=error)
+    return Reply(status, error=error)

@@ -36,9 +36,13 @@ from protocol.messages import (
     NOT_REGISTERED,
     OK,
     SOLD_OUT,
+    UNCHANGED,
     UNKNOWN_SKU,
     AnyReply,
+    HoldReply,
+    RegisterReply,
     Reply,
+    SkuReply,
     StockReply,
 )
 
@@ -76,13 +80,14 @@ class ModelHold:
     expires_at: float
     key: str | None
     state: str = HELD
+    order: str | None = None
 
 
 # What a test compares, as plain data. A SKU: (stock, per_buyer_limit, hold_seconds,
 # opens_at, closes_at, registration_required, registered buyers, {key: reservation}).
 SkuView = tuple[int, int, float, float | None, float | None, bool, frozenset[str], dict[str, str]]
-# A hold: (sku, buyer, qty, expires_at, key, state).
-HoldView = tuple[str, str, int, float, str | None, str]
+# A hold: (sku, buyer, qty, expires_at, key, state, order).
+HoldView = tuple[str, str, int, float, str | None, str, str | None]
 
 
 @dataclass
@@ -132,10 +137,7 @@ class Model:
             sku: dataclasses.replace(state, registered=set(state.registered), keys=dict(state.keys))
             for sku, state in self.skus.items()
         }
-        other.holds = {
-            reservation: ModelHold(hold.sku, hold.buyer, hold.qty, hold.expires_at, hold.key, hold.state)
-            for reservation, hold in self.holds.items()
-        }
+        other.holds = {reservation: dataclasses.replace(hold) for reservation, hold in self.holds.items()}
         return other
 
     # ------------------------------------------------------------ counting
@@ -188,6 +190,18 @@ class Model:
         limits = self.limits
         if not _name_is_valid(sku, limits.string_bytes_max):
             return _invalid("sku")
+        existing = self.skus.get(sku)
+        # A setting left out keeps its value; a new SKU takes the defaults, and needs a stock.
+        if existing is None and stock is UNCHANGED:
+            return _invalid("stock is required to create a SKU")
+        base = existing or ModelSku(0, 1, 900, None, None, False)
+        stock = base.stock if stock is UNCHANGED else stock
+        per_buyer_limit = base.per_buyer_limit if per_buyer_limit is UNCHANGED else per_buyer_limit
+        hold_seconds = base.hold_seconds if hold_seconds is UNCHANGED else hold_seconds
+        opens_at = base.opens_at if opens_at is UNCHANGED else opens_at
+        closes_at = base.closes_at if closes_at is UNCHANGED else closes_at
+        if registration_required is UNCHANGED:
+            registration_required = base.registration_required
         if not _is_whole_number(stock) or not 0 <= stock <= limits.stock_max:
             return _invalid("stock")
         if not _is_whole_number(per_buyer_limit) or not 1 <= per_buyer_limit <= limits.stock_max:
@@ -202,7 +216,6 @@ class Model:
             return _invalid("closes_at before opens_at")
         if not isinstance(registration_required, bool):
             return _invalid("registration_required")
-        existing = self.skus.get(sku)
         if existing is not None:
             if stock < self.held(sku) + self.sold(sku):
                 return _invalid("stock below units held and sold")
@@ -219,20 +232,22 @@ class Model:
             self.skus[sku] = ModelSku(stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
         return Reply(OK)
 
-    def register(self, sku: Any, buyers: Any, now: float) -> Reply:
+    def register(self, sku: Any, buyers: Any, now: float) -> RegisterReply:
         self.expire(now)
         string_bytes_max = self.limits.string_bytes_max
         if not _name_is_valid(sku, string_bytes_max):
-            return _invalid("sku")
+            return RegisterReply(INVALID, error="sku")
         if not isinstance(buyers, list | tuple):
-            return _invalid("buyers")
+            return RegisterReply(INVALID, error="buyers")
         if not all(_name_is_valid(buyer, string_bytes_max) for buyer in buyers):
-            return _invalid("buyer")
+            return RegisterReply(INVALID, error="buyer")
         state = self.skus.get(sku)
         if state is None:
-            return Reply(UNKNOWN_SKU)
-        state.registered.update(buyers)
-        return Reply(OK)
+            return RegisterReply(UNKNOWN_SKU)
+        distinct = set(buyers)
+        already = len(distinct & state.registered)
+        state.registered.update(distinct)
+        return RegisterReply(OK, registered=len(distinct) - already, already=already)
 
     def reserve(
         self, sku: Any, buyer: Any, qty: Any, key: Any, now: float, new_reservation: str | None = None
@@ -277,29 +292,70 @@ class Model:
             state.keys[key] = new_reservation
         return Reply(OK, reservation=new_reservation, expires_at=expires_at, remaining=available - qty)
 
-    def confirm(self, reservation: Any, buyer: Any, now: float) -> Reply:
-        return self._end(reservation, buyer, now, CONFIRMED)
+    def confirm(self, reservation: Any, buyer: Any, now: float, order: Any = None) -> Reply:
+        return self._end(reservation, buyer, now, CONFIRMED, order)
 
     def cancel(self, reservation: Any, buyer: Any, now: float) -> Reply:
-        return self._end(reservation, buyer, now, CANCELLED)
+        return self._end(reservation, buyer, now, CANCELLED, None)
 
-    def _end(self, reservation: Any, buyer: Any, now: float, ending: str) -> Reply:
+    def _end(self, reservation: Any, buyer: Any, now: float, ending: str, order: Any) -> Reply:
         self.expire(now)
         string_bytes_max = self.limits.string_bytes_max
         if not _name_is_valid(reservation, string_bytes_max) or not _name_is_valid(buyer, string_bytes_max):
             return _invalid("reservation or buyer")
+        if order is not None and not _name_is_valid(order, string_bytes_max):
+            return _invalid("order")
         hold = self.holds.get(reservation)
         # A wrong buyer is told exactly what an unknown id is told.
         if hold is None or hold.buyer != buyer:
             return Reply(NOT_FOUND)
         if hold.state == HELD:
             hold.state = ending
+            hold.order = order
             return Reply(OK)
         if hold.state == ending:
+            if order is not None and order != hold.order:
+                return Reply(CONFLICT)  # confirmed for another order
             return Reply(OK)  # a retry of what already happened
         if hold.state == EXPIRED_HOLD:
             return Reply(EXPIRED)
         return Reply(CONFLICT)
+
+    def hold(self, reservation: Any, buyer: Any, now: float) -> HoldReply:
+        self.expire(now)
+        string_bytes_max = self.limits.string_bytes_max
+        if not _name_is_valid(reservation, string_bytes_max) or not _name_is_valid(buyer, string_bytes_max):
+            return HoldReply(INVALID, error="reservation or buyer")
+        hold = self.holds.get(reservation)
+        if hold is None or hold.buyer != buyer:
+            return HoldReply(NOT_FOUND)
+        return HoldReply(OK, sku=hold.sku, qty=hold.qty, state=hold.state, expires_at=hold.expires_at, order=hold.order)
+
+    def get_sku(self, sku: Any, now: float) -> SkuReply:
+        self.expire(now)
+        if not _name_is_valid(sku, self.limits.string_bytes_max):
+            return SkuReply(INVALID, error="sku")
+        state = self.skus.get(sku)
+        if state is None:
+            return SkuReply(UNKNOWN_SKU)
+        held, sold = self.held(sku), self.sold(sku)
+        opened = state.opens_at is None or now >= state.opens_at
+        is_open = opened and (state.closes_at is None or now < state.closes_at)
+        return SkuReply(
+            OK,
+            sku=sku,
+            stock=state.stock,
+            available=state.stock - held - sold,
+            held=held,
+            sold=sold,
+            per_buyer_limit=state.per_buyer_limit,
+            hold_seconds=state.hold_seconds,
+            opens_at=state.opens_at,
+            closes_at=state.closes_at,
+            registration_required=state.registration_required,
+            registered=len(state.registered),
+            open=is_open,
+        )
 
     def stock(self, sku: Any, now: float) -> StockReply:
         self.expire(now)
@@ -344,7 +400,7 @@ class Model:
                 for sku, state in self.skus.items()
             },
             holds={
-                reservation: (hold.sku, hold.buyer, hold.qty, hold.expires_at, hold.key, hold.state)
+                reservation: (hold.sku, hold.buyer, hold.qty, hold.expires_at, hold.key, hold.state, hold.order)
                 for reservation, hold in self.holds.items()
             },
         )
@@ -396,5 +452,6 @@ def observe_engine(engine: Any) -> View:
                 hold.expires_at,
                 hold.key,
                 HOLD_STATE_NAMES[hold.state],
+                hold.order,
             )
     return view

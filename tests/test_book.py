@@ -33,10 +33,15 @@ from protocol.messages import (
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
 )
@@ -997,3 +1002,189 @@ def test_a_snapshot_of_an_empty_book_round_trips() -> None:
     restored = Book.from_snapshot(book.to_snapshot())
     assert restored.shard == 5
     assert restored.to_snapshot() == book.to_snapshot()
+
+
+# ------------------------------------------------------------------ put_sku changes only what it names
+
+
+def sku_settings(book: Book, sku: str = SKU, now: float = NOW) -> SkuReply:
+    reply = decide_unchanged(book, GetSku(sku), now)
+    assert isinstance(reply, SkuReply)
+    assert reply.status == "ok", reply
+    return reply
+
+
+def test_a_restock_keeps_registration_and_the_sale_window() -> None:
+    """The bug: a restock naming only the stock reset every other setting to its default,
+    and a registration-only sale that had not opened yet let a stranger hold a unit."""
+    book = Book()
+    put(book, stock=10, registration_required=True, opens_at=NOW + 20, per_buyer_limit=2, hold_seconds=120)
+    reply, _ = book.apply(PutSku(SKU, stock=2100), NOW)
+    assert reply.status == "ok"
+    settings_ = sku_settings(book)
+    assert (settings_.stock, settings_.registration_required, settings_.opens_at) == (2100, True, NOW + 20)
+    assert (settings_.per_buyer_limit, settings_.hold_seconds) == (2, 120)
+    assert reserve(book, "stranger", now=NOW + 30).status == "not_registered"
+    assert reserve(book, "stranger", now=NOW + 1).status == "not_open"
+
+
+def test_put_sku_needs_a_stock_only_to_create() -> None:
+    book = Book()
+    reply = decide_unchanged(book, PutSku(SKU, per_buyer_limit=2))
+    assert (reply.status, "stock" in (reply.error or "")) == ("invalid", True)
+    put(book, stock=5)
+    assert book.apply(PutSku(SKU, hold_seconds=30), NOW)[0].status == "ok"
+    assert (sku_settings(book).stock, sku_settings(book).hold_seconds) == (5, 30)
+
+
+def test_a_new_sku_takes_the_defaults_for_what_is_left_out() -> None:
+    book = Book()
+    put(book, stock=5)
+    settings_ = sku_settings(book)
+    assert (settings_.per_buyer_limit, settings_.hold_seconds) == (1, 900)
+    assert (settings_.opens_at, settings_.closes_at, settings_.registration_required) == (None, None, False)
+
+
+def test_an_explicit_null_clears_opens_at_and_closes_at() -> None:
+    book = Book()
+    put(book, stock=5, opens_at=NOW + 100, closes_at=NOW + 200)
+    assert book.apply(PutSku(SKU, opens_at=None), NOW)[0].status == "ok"
+    assert (sku_settings(book).opens_at, sku_settings(book).closes_at) == (None, NOW + 200)
+    assert book.apply(PutSku(SKU, closes_at=None), NOW)[0].status == "ok"
+    assert sku_settings(book).closes_at is None
+
+
+def test_a_restock_without_a_limit_is_not_refused_for_the_old_default() -> None:
+    """The bug: a restock leaving per_buyer_limit out was checked against the default of 1."""
+    book = Book()
+    put(book, stock=10, per_buyer_limit=3)
+    hold_of(book, "u1", qty=3)
+    reply, _ = book.apply(PutSku(SKU, stock=20), NOW)
+    assert reply.status == "ok", reply
+    assert sku_settings(book).per_buyer_limit == 3
+
+
+def test_a_settings_change_is_checked_against_the_merged_settings() -> None:
+    book = Book()
+    put(book, stock=5, opens_at=NOW + 100)
+    reply = decide_unchanged(book, PutSku(SKU, closes_at=NOW + 50))
+    assert reply.status == "invalid"
+
+
+def test_partial_put_sku_replays_to_the_same_settings() -> None:
+    book = Book()
+    records: list[Any] = []
+    for command in (
+        PutSku(SKU, 5, registration_required=True, opens_at=NOW + 1),
+        PutSku(SKU, stock=7),
+        PutSku(SKU, per_buyer_limit=2, closes_at=NOW + 99),
+        PutSku(SKU, opens_at=None),
+    ):
+        book.execute([command], NOW, records)
+    again = Book()
+    again.replay(records)
+    assert again.to_snapshot() == book.to_snapshot()
+    assert sku_settings(again) == sku_settings(book)
+
+
+# ------------------------------------------------------------------ get_sku, register counts
+
+
+def test_get_sku_answers_every_setting_the_counts_and_whether_it_is_open() -> None:
+    book = Book()
+    put(book, stock=10, per_buyer_limit=2, hold_seconds=600, opens_at=NOW + 10, closes_at=NOW + 100)
+    book.apply(Register(SKU, ["a", "b"]), NOW)
+    hold_of(book, "x", now=NOW + 10)
+    expected = SkuReply(
+        "ok",
+        sku=SKU,
+        stock=10,
+        available=9,
+        held=1,
+        sold=0,
+        per_buyer_limit=2,
+        hold_seconds=600,
+        opens_at=NOW + 10,
+        closes_at=NOW + 100,
+        registration_required=False,
+        registered=2,
+        open=True,
+    )
+    assert sku_settings(book, now=NOW + 10) == expected
+    assert sku_settings(book, now=NOW + 9.5).open is False
+    assert sku_settings(book, now=NOW + 100).open is False
+    assert decide_unchanged(book, GetSku("NOPE")) == SkuReply("unknown_sku")
+    assert decide_unchanged(book, GetSku("")).status == "invalid"
+
+
+def test_register_counts_new_buyers_and_those_registered_already() -> None:
+    book = Book()
+    put(book, stock=10, registration_required=True)
+    first, _ = book.apply(Register(SKU, ["a", "b", "b"]), NOW)
+    assert first == RegisterReply("ok", registered=2, already=0)
+    second, _ = book.apply(Register(SKU, ["b", "c"]), NOW)
+    assert second == RegisterReply("ok", registered=1, already=1)
+    assert decide_unchanged(book, Register(SKU, ["a", "c"])) == RegisterReply("ok", registered=0, already=2)
+    assert decide_unchanged(book, Register("NOPE", ["a"])) == RegisterReply("unknown_sku")
+
+
+# ------------------------------------------------------------------ orders and the hold op
+
+
+def test_confirm_with_an_order_keeps_it_and_a_retry_must_name_the_same_order() -> None:
+    book = Book()
+    put(book, stock=5)
+    reservation = hold_of(book, "u1")
+    reply, records = book.apply(Confirm(reservation, "u1", "po-77"), NOW + 1)
+    assert reply.status == "ok"
+    assert records == [(RECORD_CONFIRM, 1, NOW + 1, "po-77")]
+    assert decide_unchanged(book, Confirm(reservation, "u1", "po-77")).status == "ok"
+    assert decide_unchanged(book, Confirm(reservation, "u1")).status == "ok"
+    assert decide_unchanged(book, Confirm(reservation, "u1", "po-78")).status == "conflict"
+    assert decide_unchanged(book, Confirm(reservation, "u1", "")).status == "invalid"
+    assert decide_unchanged(book, Confirm(reservation, "u1", "x" * 300)).status == "invalid"
+    looked_up = decide_unchanged(book, GetHold(reservation, "u1"))
+    assert looked_up == HoldReply("ok", sku=SKU, qty=1, state="confirmed", expires_at=NOW + 900, order="po-77")
+
+
+def test_orders_survive_replay_and_snapshots_and_old_records_still_load() -> None:
+    book = Book()
+    records: list[Any] = []
+    book.execute([PutSku(SKU, 5)], NOW, records)
+    book.execute([Reserve(SKU, "u1", 1, None), Reserve(SKU, "u2", 1, None)], NOW, records)
+    book.execute([Confirm("0-1", "u1", "po-1")], NOW, records)
+    # A confirm journaled before orders existed: three fields.
+    records.append((RECORD_CONFIRM, 2, NOW))
+    replayed = Book()
+    replayed.replay(records)
+    assert replayed.holds[1].order == "po-1"
+    assert replayed.holds[2].order is None
+    snapshot = replayed.to_snapshot()
+    assert Book.from_snapshot(msgpack.unpackb(msgpack.packb(snapshot))).holds[1].order == "po-1"
+    # A snapshot written before orders existed: nine fields per hold.
+    old = dict(snapshot, holds=[hold[:9] for hold in snapshot["holds"]])
+    restored = Book.from_snapshot(old)
+    assert [hold.order for hold in restored.holds.values()] == [None, None]
+    assert restored.skus[SKU].sold == 2
+
+
+@pytest.mark.parametrize(
+    ("ending", "state"),
+    [(None, "held"), (Confirm, "confirmed"), (Cancel, "cancelled"), ("expire", "expired")],
+)
+def test_the_hold_op_tells_each_state_and_changes_nothing(ending: Any, state: str) -> None:
+    book = Book()
+    put(book, stock=5, hold_seconds=60, per_buyer_limit=2)
+    reservation = hold_of(book, "u1", qty=2)
+    now = NOW
+    if ending is not None and ending != "expire":
+        book.apply(ending(reservation, "u1"), NOW)
+    if ending == "expire":
+        now = NOW + 61
+        book.expire_due(now, [])
+    reply = decide_unchanged(book, GetHold(reservation, "u1"), now)
+    assert reply == HoldReply("ok", sku=SKU, qty=2, state=state, expires_at=NOW + 60, order=None)  # type: ignore[arg-type]
+    # A wrong buyer is told what an unknown id is told.
+    assert decide_unchanged(book, GetHold(reservation, "u2"), now) == HoldReply("not_found")
+    assert decide_unchanged(book, GetHold("0-999", "u1"), now) == HoldReply("not_found")
+    assert decide_unchanged(book, GetHold("", "u1"), now).status == "invalid"

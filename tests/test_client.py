@@ -32,7 +32,7 @@ from engine.server import RunningServer, open_server
 from engine.server_config import SkuSettings
 from protocol.client import ClientError, open_client
 from protocol.limits import Limits
-from protocol.messages import Reply, Reserve, Stock, StockReply
+from protocol.messages import HoldReply, RegisterReply, Reply, Reserve, SkuReply, Stock, StockReply
 
 SKU = "MI-BAND-1"
 # Loads through a cut connection end in about a second; a call lost on the way would
@@ -82,6 +82,21 @@ async def a_sale(api: Any) -> list[Any]:
         await api.confirm(first.reservation, buyer="u2"),
         await api.stock(SKU),
     ]
+    # A restock naming only the stock: the limit (2) and the hold time (60 s) stay.
+    replies.append(await api.put_sku(SKU, stock=5))
+    second = await api.reserve(SKU, buyer="u3", key="second")
+    replies += [
+        second,
+        await api.confirm(second.reservation, buyer="u3", order="po-1"),
+        await api.confirm(second.reservation, buyer="u3", order="po-1"),
+        await api.confirm(second.reservation, buyer="u3", order="po-2"),
+        await api.hold(second.reservation, buyer="u3"),
+        await api.hold(second.reservation, buyer="u1"),
+        await api.register("VIP", ["u1", "u3"]),
+        await api.put_sku("VIP", stock=4),
+        await api.get_sku("VIP"),
+        await api.get_sku("NOPE"),
+    ]
     return replies
 
 
@@ -99,8 +114,15 @@ async def test_every_method_answers_as_the_in_process_api_does(client_streams: C
         *["ok", "ok", "invalid", "ok", "unknown_sku"],
         *["ok", "ok", "limit_exceeded", "ok", "sold_out", "invalid", "not_registered", "ok", "unknown_sku"],
         *["ok", "unknown_sku", "ok", "conflict", "not_found", "not_found", "ok"],
+        *["ok", "ok", "ok", "ok", "conflict", "ok", "not_found", "ok", "ok", "ok", "unknown_sku"],
     ]
-    assert all(type(reply) is (StockReply if index in (14, 15, 20) else Reply) for index, reply in enumerate(answered))
+    kinds = {3: RegisterReply, 4: RegisterReply, 14: StockReply, 15: StockReply, 20: StockReply}
+    kinds |= {26: HoldReply, 27: HoldReply, 28: RegisterReply, 30: SkuReply, 31: SkuReply}
+    assert [type(reply) for reply in answered] == [kinds.get(index, Reply) for index in range(len(answered))]
+    assert (answered[26].state, answered[26].order, answered[26].qty) == ("confirmed", "po-1", 1)
+    assert (answered[28].registered, answered[28].already) == (1, 1)
+    # A restock that names only the stock keeps registration: the sale stays closed to strangers.
+    assert (answered[30].stock, answered[30].registration_required, answered[30].registered) == (4, True, 3)
 
 
 async def test_ping_and_stats(client_streams: ClientStreams) -> None:

@@ -31,13 +31,19 @@ from protocol.codec import (
 )
 from protocol.limits import Limits
 from protocol.messages import (
+    UNCHANGED,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
     PutSku,
     Register,
+    RegisterReply,
     Reply,
     Reserve,
+    SkuReply,
     Stock,
     StockReply,
 )
@@ -52,14 +58,16 @@ ID_MAX = 2**63 - 1
 # The v1 request fields, as SPEC.md lists them: op -> (required, optional), besides id and op.
 SPEC_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "reserve": (("sku", "buyer", "qty"), ("key",)),
-    "confirm": (("reservation", "buyer"), ()),
+    "confirm": (("reservation", "buyer"), ("order",)),
     "cancel": (("reservation", "buyer"), ()),
+    "hold": (("reservation", "buyer"), ()),
     "stock": (("sku",), ()),
     "ping": ((), ()),
     "put_sku": (
-        ("sku", "stock"),
-        ("per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"),
+        ("sku",),
+        ("stock", "per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"),
     ),
+    "get_sku": (("sku",), ()),
     "register": (("sku", "buyers"), ()),
     "stats": ((), ()),
 }
@@ -77,6 +85,7 @@ STATUSES = (
     "not_found",
     "conflict",
     "forbidden",
+    "unavailable",
 )
 
 
@@ -112,20 +121,25 @@ def expected_command(op: str, fields: dict[str, Any]) -> Command | None:
     if op == "reserve":
         return Reserve(fields["sku"], fields["buyer"], fields["qty"], fields.get("key"))
     if op == "confirm":
-        return Confirm(fields["reservation"], fields["buyer"])
+        return Confirm(fields["reservation"], fields["buyer"], fields.get("order"))
     if op == "cancel":
         return Cancel(fields["reservation"], fields["buyer"])
+    if op == "hold":
+        return GetHold(fields["reservation"], fields["buyer"])
     if op == "stock":
         return Stock(fields["sku"])
+    if op == "get_sku":
+        return GetSku(fields["sku"])
     if op == "put_sku":
+        # A field left out is UNCHANGED: the SKU keeps its value; null is a value.
         return PutSku(
             fields["sku"],
-            fields["stock"],
-            fields.get("per_buyer_limit", 1),
-            fields.get("hold_seconds", 900),
-            fields.get("opens_at"),
-            fields.get("closes_at"),
-            fields.get("registration_required", False),
+            fields.get("stock", UNCHANGED),
+            fields.get("per_buyer_limit", UNCHANGED),
+            fields.get("hold_seconds", UNCHANGED),
+            fields.get("opens_at", UNCHANGED),
+            fields.get("closes_at", UNCHANGED),
+            fields.get("registration_required", UNCHANGED),
         )
     if op == "register":
         return Register(fields["sku"], fields["buyers"])
@@ -151,9 +165,17 @@ def expected_command(op: str, fields: dict[str, Any]) -> Command | None:
             Reserve(SKU, "u42", 1, None),
         ),
         ({"id": 4, "op": "confirm", "reservation": "3-17", "buyer": "u42"}, Confirm("3-17", "u42")),
+        (
+            {"id": 4, "op": "confirm", "reservation": "3-17", "buyer": "u42", "order": "po-9"},
+            Confirm("3-17", "u42", "po-9"),
+        ),
+        ({"id": 4, "op": "hold", "reservation": "3-17", "buyer": "u42"}, GetHold("3-17", "u42")),
+        ({"id": 6, "op": "get_sku", "sku": SKU}, GetSku(SKU)),
         ({"id": 5, "op": "cancel", "reservation": "3-17", "buyer": "u42"}, Cancel("3-17", "u42")),
         ({"id": 6, "op": "stock", "sku": SKU}, Stock(SKU)),
-        ({"id": 7, "op": "put_sku", "sku": SKU, "stock": 10}, PutSku(SKU, 10, 1, 900, None, None, False)),
+        ({"id": 7, "op": "put_sku", "sku": SKU, "stock": 10}, PutSku(SKU, 10)),
+        ({"id": 7, "op": "put_sku", "sku": SKU, "per_buyer_limit": 2}, PutSku(SKU, per_buyer_limit=2)),
+        ({"id": 7, "op": "put_sku", "sku": SKU, "opens_at": None}, PutSku(SKU, opens_at=None)),
         (
             {
                 "id": 8,
@@ -170,7 +192,7 @@ def expected_command(op: str, fields: dict[str, Any]) -> Command | None:
         ),
         (
             {"id": 9, "op": "put_sku", "sku": SKU, "stock": 0, "hold_seconds": 5},
-            PutSku(SKU, 0, 1, 5, None, None, False),
+            PutSku(SKU, 0, hold_seconds=5),
         ),
         ({"id": 10, "op": "register", "sku": SKU, "buyers": ["a", "b"]}, Register(SKU, ["a", "b"])),
     ],
@@ -187,8 +209,8 @@ def test_ping_and_stats_decode_without_a_command(op: str) -> None:
 
 
 def test_the_ops_are_split_into_frontend_and_admin() -> None:
-    assert sorted(FRONTEND_OPS) == ["cancel", "confirm", "ping", "reserve", "stock"]
-    assert sorted(ADMIN_OPS) == ["put_sku", "register", "stats"]
+    assert sorted(FRONTEND_OPS) == ["cancel", "confirm", "hold", "ping", "reserve", "stock"]
+    assert sorted(ADMIN_OPS) == ["get_sku", "put_sku", "register", "stats"]
     assert not FRONTEND_OPS & ADMIN_OPS
 
 
@@ -196,7 +218,7 @@ def test_field_values_are_carried_as_given_for_the_book_to_judge() -> None:
     message = {"id": 1, "op": "reserve", "sku": 5, "buyer": ["x"], "qty": "two", "key": {"a": 1}}
     assert decode_one(message).command == Reserve(5, ["x"], "two", {"a": 1})
     put = decode_one({"id": 2, "op": "put_sku", "sku": SKU, "stock": -1, "registration_required": "yes"})
-    assert put.command == PutSku(SKU, -1, 1, 900, None, None, "yes")
+    assert put.command == PutSku(SKU, -1, registration_required="yes")
     assert decode_one({"id": 3, "op": "register", "sku": SKU, "buyers": "ab"}).command == Register(SKU, "ab")
 
 
@@ -314,6 +336,7 @@ def valid_fields(op: str) -> dict[str, Any]:
         "closes_at": None,
         "registration_required": False,
         "buyers": ["u42"],
+        "order": "po-1",
     }
     required, optional = SPEC_FIELDS[op]
     return {name: values[name] for name in (*required, *optional)}
@@ -713,20 +736,14 @@ def test_encode_refuses_a_wrong_number_of_replies_or_values_msgpack_cannot_carry
         (Cancel("0-1", "u"), {"id": 1, "op": "cancel", "reservation": "0-1", "buyer": "u"}),
         (Stock(SKU), {"id": 1, "op": "stock", "sku": SKU}),
         (Register(SKU, ("a", "b")), {"id": 1, "op": "register", "sku": SKU, "buyers": ("a", "b")}),
+        (PutSku(SKU, 5), {"id": 1, "op": "put_sku", "sku": SKU, "stock": 5}),
         (
-            PutSku(SKU, 5),
-            {
-                "id": 1,
-                "op": "put_sku",
-                "sku": SKU,
-                "stock": 5,
-                "per_buyer_limit": 1,
-                "hold_seconds": 900,
-                "opens_at": None,
-                "closes_at": None,
-                "registration_required": False,
-            },
+            PutSku(SKU, per_buyer_limit=3, closes_at=None),
+            {"id": 1, "op": "put_sku", "sku": SKU, "per_buyer_limit": 3, "closes_at": None},
         ),
+        (Confirm("0-1", "u", "po-1"), {"id": 1, "op": "confirm", "reservation": "0-1", "buyer": "u", "order": "po-1"}),
+        (GetHold("0-1", "u"), {"id": 1, "op": "hold", "reservation": "0-1", "buyer": "u"}),
+        (GetSku(SKU), {"id": 1, "op": "get_sku", "sku": SKU}),
     ],
 )
 def test_request_map_is_the_wire_map_of_a_command(command: Command, message: dict[str, Any]) -> None:
@@ -855,7 +872,7 @@ errors = st.none() | st.text(max_size=100)
 statuses = st.sampled_from(STATUSES)
 replies_for_ops = st.one_of(
     st.tuples(
-        st.sampled_from(["reserve", "confirm", "cancel", "put_sku", "register"]),
+        st.sampled_from(["reserve", "confirm", "cancel", "put_sku"]),
         st.builds(
             Reply,
             statuses,
@@ -869,6 +886,50 @@ replies_for_ops = st.one_of(
         st.just("stock"),
         st.builds(
             StockReply, statuses, st.none() | counts, st.none() | counts, st.none() | counts, st.none() | counts, errors
+        ),
+    ),
+    st.tuples(
+        st.just("register"),
+        st.one_of(
+            st.builds(RegisterReply, statuses, st.none(), st.none(), errors),
+            st.builds(RegisterReply, st.just("ok"), counts, counts, st.none()),
+        ),
+    ),
+    st.tuples(
+        st.just("hold"),
+        st.one_of(
+            st.builds(HoldReply, statuses.filter(lambda status: status != "ok"), error=errors),
+            st.builds(
+                HoldReply,
+                st.just("ok"),
+                names,
+                counts,
+                st.sampled_from(["held", "confirmed", "cancelled", "expired"]),
+                st.floats(min_value=0, max_value=1e12, allow_nan=False),
+                st.none() | names,
+            ),
+        ),
+    ),
+    st.tuples(
+        st.just("get_sku"),
+        st.one_of(
+            st.builds(SkuReply, statuses.filter(lambda status: status != "ok"), error=errors),
+            st.builds(
+                SkuReply,
+                st.just("ok"),
+                names,
+                counts,
+                counts,
+                counts,
+                counts,
+                counts,
+                st.floats(min_value=0.25, max_value=1e6, allow_nan=False),
+                st.none() | st.floats(min_value=0, max_value=1e12, allow_nan=False),
+                st.none() | st.floats(min_value=0, max_value=1e12, allow_nan=False),
+                st.booleans(),
+                counts,
+                st.booleans(),
+            ),
         ),
     ),
 )

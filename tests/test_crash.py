@@ -121,7 +121,7 @@ async def test_every_acknowledged_reply_survives_sigkill(seed: int, tmp_path: Pa
 
         for reservation, hold in holds.items():
             assert reservation in view.holds, f"acknowledged hold {reservation} was lost"
-            sku, buyer, qty, expires_at, key, state = view.holds[reservation]
+            sku, buyer, qty, expires_at, key, state, _ = view.holds[reservation]
             assert (sku, buyer, qty, expires_at, key) == (
                 hold["sku"],
                 hold["buyer"],
@@ -158,7 +158,7 @@ async def test_every_acknowledged_reply_survives_sigkill(seed: int, tmp_path: Pa
         assert count.sold >= sold_acknowledged
     units: dict[tuple[str, str], int] = {}
     keys: set[tuple[str, str]] = set()
-    for sku, buyer, qty, _, key, state in view.holds.values():
+    for sku, buyer, qty, _, key, state, _ in view.holds.values():
         if state in ("held", "confirmed"):
             units[sku, buyer] = units.get((sku, buyer), 0) + qty
         if key is not None:

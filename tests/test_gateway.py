@@ -177,7 +177,7 @@ async def test_admin_ops_answer_status_only_and_stats_answers_figures() -> None:
         assert (bad_stock["status"], "stock" in bad_stock["error"]) == ("invalid", True)
 
         register = {"id": 4, "op": "register", "sku": "VIP", "buyers": ["u1", "u2"]}
-        assert await exchange(websocket, register) == {"id": 4, "status": "ok"}
+        assert await exchange(websocket, register) == {"id": 4, "status": "ok", "registered": 2, "already": 0}
         assert (await exchange(websocket, reserve_map(5, "VIP", "u1")))["status"] == "ok"
         assert (await exchange(websocket, reserve_map(6, "VIP", "u3")))["status"] == "not_registered"
         unknown = {"id": 7, "op": "register", "sku": "NOPE", "buyers": ["u1"]}
@@ -730,7 +730,7 @@ def wrong_shape_requests() -> list[tuple[str, dict[Any, Any], bool]]:
     cases.append(("missing qty", {"id": 6, "op": "reserve", "sku": SKU, "buyer": "u1"}, True))
     cases.append(("missing buyer", {"id": 6, "op": "confirm", "reservation": "0-1"}, True))
     cases.append(("missing buyers", {"id": 6, "op": "register", "sku": SKU}, True))
-    cases.append(("missing stock", {"id": 6, "op": "put_sku", "sku": SKU}, True))
+    cases.append(("a new SKU without a stock", {"id": 6, "op": "put_sku", "sku": "NEW-" + SKU}, True))
     return cases
 
 

@@ -74,10 +74,13 @@ from engine.router import shard_for_sku
 from protocol.messages import (
     INVALID,
     OK,
+    UNCHANGED,
     AnyReply,
     Cancel,
     Command,
     Confirm,
+    GetHold,
+    GetSku,
     PutSku,
     Register,
     Reply,
@@ -214,6 +217,8 @@ class Simulation:
             await self.batch()
         elif roll < 0.85:
             await self.bad_argument()
+        elif roll < 0.89:
+            await self.look_up()
         else:
             await self.advance_time()
 
@@ -234,7 +239,12 @@ class Simulation:
             if expected.ok and actual.reservation not in self.reservations:
                 self.reservations.append(actual.reservation)
         elif isinstance(command, Confirm):
-            expected = self.model_for_reservation(command.reservation).confirm(command.reservation, command.buyer, now)
+            model = self.model_for_reservation(command.reservation)
+            expected = model.confirm(command.reservation, command.buyer, now, command.order)
+        elif isinstance(command, GetHold):
+            expected = self.model_for_reservation(command.reservation).hold(command.reservation, command.buyer, now)
+        elif isinstance(command, GetSku):
+            expected = self.model_for_sku(command.sku).get_sku(command.sku, now)
         elif isinstance(command, Cancel):
             expected = self.model_for_reservation(command.reservation).cancel(command.reservation, command.buyer, now)
         elif isinstance(command, Stock):
@@ -293,6 +303,9 @@ class Simulation:
         buyer = generator.choice(BUYERS)
         if model.knows(reservation) and generator.random() < 0.85:
             buyer = model.holds[reservation].buyer
+        if ending is Confirm:
+            # Now and then linked to an order: a retry with another order is a conflict.
+            return Confirm(reservation, buyer, generator.choice((None, None, "order-1", "order-2")))
         return ending(reservation, buyer)
 
     async def end_hold(self, ending: type[Confirm] | type[Cancel]) -> None:
@@ -311,16 +324,30 @@ class Simulation:
             opens_at = now + generator.choice((-5.0, 10.0, 30.0))
         if generator.random() < 0.2:
             closes_at = now + generator.choice((-1.0, 20.0, 90.0))
-        command = PutSku(
-            sku,
+        settings = [
             stock,
             generator.choice((1, 2, 3, 4)),
             generator.choice((5, 20.5, 60, 300)),
             opens_at,
             closes_at,
             generator.random() < 0.2,
-        )
-        await self.one(command)
+        ]
+        if generator.random() < 0.4:
+            # A change of some settings only: the others keep their values (a new SKU
+            # without a stock is refused).
+            settings = [UNCHANGED if generator.random() < 0.5 else value for value in settings]
+        await self.one(PutSku(sku, *settings))
+
+    async def look_up(self) -> None:
+        """The read-only ops: a hold by its reservation, a SKU's settings and counts."""
+        generator = self.random
+        if self.reservations and generator.random() < 0.6:
+            reservation = generator.choice(self.reservations)
+            model = self.model_for_reservation(reservation)
+            buyer = model.holds[reservation].buyer if model.knows(reservation) else generator.choice(BUYERS)
+            await self.one(GetHold(reservation, generator.choice((buyer, buyer, "stranger"))))
+        else:
+            await self.one(GetSku(generator.choice(SKUS)))
 
     async def register(self) -> None:
         buyers = self.random.sample(BUYERS, self.random.randint(0, 3))
