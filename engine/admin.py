@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 import trio
 
+from engine.times import format_time
 from protocol.client import Client, ClientError, open_client
+from protocol.messages import UNCHANGED, UNKNOWN_SKU, AnyReply, SkuReply
+
+# What get-sku prints: every field of the reply.
+SKU_FIELDS = tuple(field.name for field in dataclasses.fields(SkuReply) if field.name not in ("status", "error"))
 
 # Register requests in flight at once while streaming a large buyer file.
 REGISTER_INFLIGHT_MAX = 8
@@ -28,63 +35,131 @@ def read_buyer_ids(file: IO[str]) -> Iterator[str]:
         yield buyer
 
 
+class AdminError(Exception):
+    """What an operator is told in one line: the operation cannot be done as asked."""
+
+
 async def run_admin(arguments: argparse.Namespace) -> int:
     try:
-        async with open_client(arguments.url, arguments.token, reconnect_attempts=3) as client:
-            operation = arguments.operation
-            if operation == "put-sku":
-                reply = await client.put_sku(
-                    arguments.sku,
-                    stock=arguments.stock,
-                    per_buyer_limit=arguments.per_buyer_limit,
-                    hold_seconds=arguments.hold_seconds,
-                    opens_at=arguments.opens_at,
-                    closes_at=arguments.closes_at,
-                    registration_required=arguments.registration_required,
-                )
-                return _report({"status": reply.status, "error": reply.error})
-            if operation == "stock":
-                stock = await client.stock(arguments.sku)
-                return _report(
-                    {
-                        "status": stock.status,
-                        "stock": stock.stock,
-                        "available": stock.available,
-                        "held": stock.held,
-                        "sold": stock.sold,
-                        "error": stock.error,
-                    }
-                )
-            if operation == "stats":
-                print(json.dumps(await client.stats(), indent=2, sort_keys=True))
-                return 0
-            if operation == "register":
-                return await _register(client, arguments)
-    except ClientError as error:
+        return await _run(arguments)
+    except (ClientError, AdminError) as error:
         print(f"soldout admin: {error}", file=sys.stderr)
         return 1
+
+
+async def _run(arguments: argparse.Namespace) -> int:
+    if not arguments.url.startswith(("ws://", "wss://")):
+        scheme = arguments.url.split("://", 1)[0] if "://" in arguments.url else ""
+        hint = "use ws:// (or wss://)" + (f" instead of {scheme}://" if scheme else "")
+        raise AdminError(f"--url {arguments.url} is not a websocket address: {hint}, as in ws://HOST:PORT/v1")
+    file = None
+    if arguments.operation == "register":
+        file = _open_buyer_file(arguments.file)
+    async with open_client(arguments.url, arguments.token, reconnect_attempts=3) as client:
+        operation = arguments.operation
+        if operation == "put-sku":
+            return await _put_sku(client, arguments)
+        if operation == "get-sku":
+            sku = _known(await client.get_sku(arguments.sku), arguments.sku)
+            return _report(_sku_document(sku))
+        if operation == "close":
+            return await _close(client, arguments.sku)
+        if operation == "stock":
+            stock = _known(await client.stock(arguments.sku), arguments.sku)
+            return _report(
+                {
+                    "status": stock.status,
+                    "stock": stock.stock,
+                    "available": stock.available,
+                    "held": stock.held,
+                    "sold": stock.sold,
+                    "error": stock.error,
+                }
+            )
+        if operation == "stats":
+            print(json.dumps(await client.stats(), indent=2, sort_keys=True))
+            return 0
+        if operation == "register":
+            assert file is not None
+            return await _register(client, arguments, file)
     return 2
 
 
-async def _register(client: Client, arguments: argparse.Namespace) -> int:
+def _open_buyer_file(path: str) -> IO[str]:
+    if path == "-":
+        return sys.stdin
+    try:
+        return open(path, newline="")
+    except OSError as error:
+        raise AdminError(f"cannot read the buyer file {path}: {error.strerror}") from None
+
+
+def _known(reply: AnyReply, sku: str) -> Any:
+    """The reply, unless it says the SKU does not exist: that is one line on stderr."""
+    if reply.status == UNKNOWN_SKU:
+        raise AdminError(f"SKU {sku!r} does not exist (put-sku {sku} --stock N creates it)")
+    return reply
+
+
+async def _put_sku(client: Client, arguments: argparse.Namespace) -> int:
+    settings = {
+        "stock": arguments.stock,
+        "per_buyer_limit": arguments.per_buyer_limit,
+        "hold_seconds": arguments.hold_seconds,
+        "registration_required": arguments.registration_required,
+    }
+    # A flag not given leaves the setting as it is; --opens-at none clears the time (None).
+    changes: dict[str, Any] = {name: value for name, value in settings.items() if value is not None}
+    for name in ("opens_at", "closes_at"):
+        if getattr(arguments, name) is not UNCHANGED:
+            changes[name] = getattr(arguments, name)
+    reply = await client.put_sku(arguments.sku, **changes)
+    if reply.status == "invalid" and "stock is required" in (reply.error or ""):
+        raise AdminError(f"SKU {arguments.sku!r} does not exist: give --stock N to create it")
+    return _report({"status": reply.status, "error": reply.error})
+
+
+async def _close(client: Client, sku: str) -> int:
+    """End the sale now: closes_at = now (a sale not open yet loses its opening time too)."""
+    current = _known(await client.get_sku(sku), sku)
+    now = time.time()
+    changes: dict[str, Any] = {"closes_at": now}
+    if current.opens_at is not None and current.opens_at >= now:
+        changes["opens_at"] = None  # closes_at must come after opens_at
+    reply = await client.put_sku(sku, **changes)
+    if reply.status != "ok":
+        return _report({"status": reply.status, "error": reply.error})
+    return _report(_sku_document(_known(await client.get_sku(sku), sku)))
+
+
+def _sku_document(sku: SkuReply) -> dict[str, Any]:
+    """get-sku's output: every field of the reply, and each time in ISO 8601 beside its epoch seconds."""
+    document: dict[str, Any] = {"status": sku.status}
+    for name in SKU_FIELDS:
+        document[name] = getattr(sku, name)
+    document["opens_at_iso"] = format_time(sku.opens_at)
+    document["closes_at_iso"] = format_time(sku.closes_at)
+    return document
+
+
+async def _register(client: Client, arguments: argparse.Namespace, file: IO[str]) -> int:
     """Stream the file in chunks to a few workers, so memory stays flat for millions of ids."""
-    registered = 0
+    counts = {"registered": 0, "already": 0}
     failure: dict[str, str | None] = {}
     chunks_send, chunks_receive = trio.open_memory_channel[list[str]](REGISTER_INFLIGHT_MAX)
 
     async def worker(chunks: trio.MemoryReceiveChannel[list[str]]) -> None:
-        nonlocal registered
         async with chunks:
             async for chunk in chunks:
                 reply = await client.register(arguments.sku, chunk)
                 if reply.status == "ok":
-                    registered += len(chunk)
+                    counts["registered"] += reply.registered or 0
+                    counts["already"] += reply.already or 0
                 elif not failure:
                     failure.update(status=reply.status, error=reply.error)
 
     # A local file read line by line: each read is short, and reading ahead of the
     # network is what keeps the requests flowing.
-    file = sys.stdin if arguments.file == "-" else open(arguments.file, newline="")  # noqa: SIM115, ASYNC230
     try:
         async with trio.open_nursery() as nursery:
             for _ in range(REGISTER_INFLIGHT_MAX):
@@ -104,9 +179,11 @@ async def _register(client: Client, arguments: argparse.Namespace) -> int:
     finally:
         if file is not sys.stdin:
             file.close()
+    if failure.get("status") == UNKNOWN_SKU:
+        raise AdminError(f"SKU {arguments.sku!r} does not exist (put-sku {arguments.sku} --stock N creates it)")
     if failure:
-        return _report({**failure, "registered": registered})
-    return _report({"status": "ok", "registered": registered})
+        return _report({**failure, **counts})
+    return _report({"status": "ok", **counts})
 
 
 def _report(result: dict[str, object]) -> int:

@@ -18,6 +18,10 @@ import trio
 from engine.journal import JournalCorrupt
 from engine.server_config import ConfigError, ServerConfig, SkuSettings, load_server_config, with_overrides
 from engine.store import DataDirError
+from engine.times import TimeFormatError, parse_time, parse_time_or_clear
+from protocol.messages import UNCHANGED
+
+HOLD_STATES = ("held", "confirmed", "cancelled", "expired")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,38 +31,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a soldout server until SIGINT/SIGTERM")
     serve.add_argument("--config", help="TOML config file; flags below override it")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--shards", type=int)
-    serve.add_argument("--data-dir")
-    serve.add_argument("--metrics-port", type=int)
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="websocket port (default 8765; 0 picks a free one)")
+    serve.add_argument("--shards", type=int, help="shard count, fixed when a data directory is made (default 8)")
+    serve.add_argument("--data-dir", help="journal and snapshots here (default: memory only)")
+    serve.add_argument("--metrics-port", type=int, help="port of /metrics (default 9765; 0 picks a free one)")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
     admin = commands.add_parser("admin", help="run an admin operation against a server")
-    admin.add_argument("--url", required=True, help="ws://HOST:PORT/v1")
+    admin.add_argument("--url", required=True, help="the server's websocket address, ws://HOST:PORT/v1")
     admin.add_argument("--token", help="an admin token (omit for a server with no tokens)")
     operations = admin.add_subparsers(dest="operation", required=True)
-    put_sku = operations.add_parser("put-sku", help="create a SKU or change and restock it")
-    put_sku.add_argument("sku")
-    put_sku.add_argument("--stock", type=int, required=True)
-    put_sku.add_argument("--per-buyer-limit", type=int, default=1)
-    put_sku.add_argument("--hold-seconds", type=float, default=900)
-    put_sku.add_argument("--opens-at", type=float)
-    put_sku.add_argument("--closes-at", type=float)
-    put_sku.add_argument("--registration-required", action="store_true")
+    put_sku = operations.add_parser(
+        "put-sku", help="create a SKU, or change the settings given (the others stay as they are)"
+    )
+    put_sku.add_argument("sku", help="the SKU's id")
+    put_sku.add_argument("--stock", type=int, help="total units, held and sold included (required to create)")
+    put_sku.add_argument("--per-buyer-limit", type=int, help="units one buyer may hold and buy (new SKU: 1)")
+    put_sku.add_argument("--hold-seconds", type=float, help="how long a hold lasts unpaid (new SKU: 900)")
+    put_sku.add_argument(
+        "--opens-at",
+        type=_time_or_clear,
+        default=UNCHANGED,
+        help="sale start: epoch seconds or ISO 8601 with an offset; none clears it",
+    )
+    put_sku.add_argument(
+        "--closes-at",
+        type=_time_or_clear,
+        default=UNCHANGED,
+        help="sale end: epoch seconds or ISO 8601 with an offset; none clears it",
+    )
+    put_sku.add_argument(
+        "--registration-required",
+        action=argparse.BooleanOptionalAction,
+        help="only registered buyers may reserve (--no-registration-required opens it to all)",
+    )
+    get_sku = operations.add_parser(
+        "get-sku", help="every setting of a SKU, its counts, registered buyers, and whether it is open"
+    )
+    get_sku.add_argument("sku", help="the SKU's id")
+    close = operations.add_parser("close", help="end a SKU's sale now (closes_at = now)")
+    close.add_argument("sku", help="the SKU's id")
     register = operations.add_parser("register", help="register buyers (one id per line, first CSV column)")
-    register.add_argument("sku")
+    register.add_argument("sku", help="the SKU's id")
     register.add_argument("--file", required=True, help="CSV file of buyer ids, or - for standard input")
-    register.add_argument("--chunk", type=int, default=2000, help="buyers per register request")
+    register.add_argument("--chunk", type=int, default=2000, help="buyers per register request (default 2000)")
     stock = operations.add_parser("stock", help="a SKU's stock, available, held and sold")
-    stock.add_argument("sku")
+    stock.add_argument("sku", help="the SKU's id")
     operations.add_parser("stats", help="the server's figures")
 
     export = commands.add_parser("export", help="write every hold of a data directory as JSON lines")
-    export.add_argument("--data-dir", required=True)
+    export.add_argument("--data-dir", required=True, help="the data directory of a stopped or running server")
     export.add_argument("--output", default="-", help="file to write (default: standard output)")
+    export.add_argument("--sku", action="append", help="only this SKU (may be given more than once)")
+    export.add_argument("--state", action="append", choices=HOLD_STATES, help="only holds in this state (repeatable)")
+    export.add_argument(
+        "--since", type=_time, help="only holds created or ended at or after this time (epoch seconds or ISO 8601)"
+    )
 
     return parser
+
+
+def _time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except TimeFormatError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _time_or_clear(text: str) -> float | None:
+    try:
+        return parse_time_or_clear(text)
+    except TimeFormatError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,13 +154,18 @@ def _serve(arguments: argparse.Namespace) -> int:
 
 
 def _export(arguments: argparse.Namespace) -> int:
-    from engine.export import export
+    from engine.export import HoldFilter, export
 
+    selection = HoldFilter(
+        skus=frozenset(arguments.sku) if arguments.sku else None,
+        states=frozenset(arguments.state) if arguments.state else None,
+        since=arguments.since,
+    )
     if arguments.output == "-":
-        holds = export(arguments.data_dir, sys.stdout)
+        holds = export(arguments.data_dir, sys.stdout, selection)
     else:
         with open(arguments.output, "w") as output:
-            holds = export(arguments.data_dir, output)
+            holds = export(arguments.data_dir, output, selection)
     print(f"exported {holds} holds", file=sys.stderr)
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,7 +27,7 @@ async def make_sale(data_dir: str, wall_clock: object) -> dict[str, tuple[int, i
         cancelled = await engine.reserve("BAND", buyer="u2", qty=1)
         expiring = await engine.reserve("BAND", buyer="u3", qty=1)
         held = await engine.reserve("PHONE", buyer="u1", qty=1, key="u1-phone")
-        assert (await engine.confirm(confirmed.reservation, buyer="u1")).status == "ok"
+        assert (await engine.confirm(confirmed.reservation, buyer="u1", order="po-1001")).status == "ok"
         assert (await engine.cancel(cancelled.reservation, buyer="u2")).status == "ok"
         await trio.sleep(61)  # the BAND hold of u3 runs out; the PHONE hold does not
         assert (await engine.confirm(expiring.reservation, buyer="u3")).status == "expired"
@@ -112,3 +114,43 @@ def test_the_export_command_writes_json_lines_and_refuses_a_directory_that_is_no
     assert "not a soldout data directory" in capsys.readouterr().err
     with pytest.raises(DataDirError):
         export(str(tmp_path), io.StringIO())
+
+
+def export_command(data_dir: str, tmp_path: Path, *filters: str) -> list[dict[str, Any]]:
+    output = str(tmp_path / "holds.jsonl")
+    assert main(["export", "--data-dir", data_dir, "--output", output, *filters]) == 0
+    with open(output) as file:
+        return [json.loads(line) for line in file]
+
+
+def test_export_writes_the_order_and_filters_by_sku_state_and_time(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    epoch = 1_700_000_000.0
+    trio.run(
+        make_sale, data_dir, lambda: epoch + trio.current_time(), clock=trio.testing.MockClock(autojump_threshold=0)
+    )
+    every = export_command(data_dir, tmp_path)
+    holds = [line for line in every if line["type"] == "hold"]
+    (confirmed,) = [hold for hold in holds if hold["state"] == "confirmed"]
+    assert confirmed["order"] == "po-1001"
+    assert all(hold["order"] is None for hold in holds if hold is not confirmed)
+
+    band = export_command(data_dir, tmp_path, "--sku", "BAND")
+    assert {line["sku"] for line in band} == {"BAND"}
+    assert [line["type"] for line in band].count("hold") == 3
+    # The totals stay whole, so they keep matching stock.
+    assert [line for line in band if line["type"] == "sku"] == [
+        line for line in every if line["type"] == "sku" and line["sku"] == "BAND"
+    ]
+
+    ended = export_command(data_dir, tmp_path, "--state", "cancelled", "--state", "expired")
+    assert sorted(line["state"] for line in ended if line["type"] == "hold") == ["cancelled", "expired"]
+    assert len([line for line in ended if line["type"] == "sku"]) == 2
+
+    # Holds created or ended at or after the time: the expiry (61 s in) is the only one that late.
+    for since in (str(epoch + 30), "2023-11-14T22:13:50+00:00"):
+        late = [line for line in export_command(data_dir, tmp_path, "--since", since) if line["type"] == "hold"]
+        assert [line["state"] for line in late] == ["expired"], since
+    assert (
+        len([line for line in export_command(data_dir, tmp_path, "--since", str(epoch)) if line["type"] == "hold"]) == 4
+    )
