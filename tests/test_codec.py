@@ -1067,3 +1067,11 @@ def test_two_peers_in_memory_a_malformed_frame_gets_a_null_id_and_the_next_frame
     peer = Peer()
     peer.receive(serve_payload(codec, engine, peer.frame([Reserve(SKU, "u", 1)]), admin=True))
     assert peer.answers[1].status == "ok"
+
+
+@pytest.mark.parametrize("op", ["reserve", "confirm", "stock", "register", "get_sku", "hold"])
+def test_a_status_the_client_does_not_know_comes_through_as_a_failure_not_an_exception(op: str) -> None:
+    """SPEC.md: an unknown status is a failure to retry; a later v1 server may add some."""
+    (answer,) = ClientCodec().decode_replies(msgpack.packb({"id": 1, "status": "rebalancing", "error": "later"}))
+    reply = reply_from_map(op, answer)
+    assert (reply.status, reply.ok, reply.error) == ("rebalancing", False, "later")
