@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 from hdrh.histogram import HdrHistogram
 
-from bench.scenarios import CANCEL, CONFIRM, Plan, Scenario, buyer_name, idempotency_key
+from bench.scenarios import CANCEL, CONFIRM, Plan, Scenario
 
 RESERVE_OP = "reserve"
 CONFIRM_OP = "confirm"
@@ -437,8 +437,9 @@ def connection_work(
 # ---------------------------------------------------------------- soldout over websockets
 
 
-def soldout_encoder(scenario: Scenario) -> Encoder:
-    sku_names = [sku.sku for sku in scenario.skus]
+def soldout_encoder(plan: Plan) -> Encoder:
+    sku_names = [sku.sku for sku in plan.scenario.skus]
+    buyer_of, key_of = plan.buyer, plan.key
     packb = msgpack.packb
 
     def encode(items: Sequence[Item], first_id: int) -> bytes:
@@ -450,13 +451,13 @@ def soldout_encoder(scenario: Scenario) -> Encoder:
                         "id": first_id + offset,
                         "op": RESERVE_OP,
                         "sku": sku_names[sku],
-                        "buyer": buyer_name(buyer),
+                        "buyer": buyer_of(buyer),
                         "qty": 1,
-                        "key": idempotency_key(buyer),
+                        "key": key_of(buyer),
                     }
                 )
             else:
-                maps.append({"id": first_id + offset, "op": op, "reservation": reservation, "buyer": buyer_name(buyer)})
+                maps.append({"id": first_id + offset, "op": op, "reservation": reservation, "buyer": buyer_of(buyer)})
         # Always an array: one batch frame per batch, even a batch of one.
         return packb(maps)
 
@@ -494,7 +495,7 @@ async def drive_soldout(settings: DriverSettings, plan: Plan, tally: Tally, star
     """Open the connections, wait for the start (`started` blocks until then), drive them all."""
     import trio
 
-    encode = soldout_encoder(settings.scenario)
+    encode = soldout_encoder(plan)
     headers = [("Authorization", f"Bearer {settings.token}")] if settings.token else []
     works = [
         connection_work(settings, plan, encode, tally, number, share)

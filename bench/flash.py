@@ -5,8 +5,11 @@ optionally the same crowd against Redis + Lua, side by side.
     soldout bench catalog --spawn --durable
     soldout bench --url ws://127.0.0.1:8765/v1 --token front-secret --admin-token admin-secret
     soldout bench --spawn --durable --peer redis   # starts a redis-server too (appendfsync always)
+    soldout bench --url ws://HOST:8765/v1 --token T --admin-token A --sku FLASH-2 --buyers-file registered.csv
 
-The bench puts its own SKUs (names unique to the run, through the admin op put_sku),
+The bench puts its own SKUs (names unique to the run, through the admin op put_sku), or
+with `--sku` drives a SKU the server already has, as its operator configured it (stock,
+limit, hold time, registration; the crowd starts at its opening time),
 starts `--procs` driver processes that share `--connections` connections, gives them a
 common start time, shows a live progress line, and at the end prints a table, checks
 the outcome through the server's own `stock` and `stats`, and exits non-zero when a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import multiprocessing
 import os
 import queue
@@ -45,7 +49,18 @@ from bench.report import (
     runs_table,
     statuses_line,
 )
-from bench.scenarios import SCENARIOS, Scenario, build_scenario, split, split_weighted
+from bench.scenarios import (
+    DEFAULT_BUYERS,
+    DEFAULT_HOLD_SECONDS,
+    SCENARIOS,
+    Scenario,
+    SkuPlan,
+    build_scenario,
+    configured_scenario,
+    read_buyer_file,
+    split,
+    split_weighted,
+)
 from bench.verify import Check, Counts, check_run, failures
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +76,9 @@ PROGRESS_REFRESH_SECONDS = 0.25
 PROGRESS_LOG_SECONDS = 5.0
 # Default requests in flight per connection, in batches: one being decided, one on the way.
 INFLIGHT_BATCHES = 2
+# A closed loop's pace, for judging up front whether checkout's holds outlive the crowd:
+# a low figure for soldout on a 2-core machine, so the judgement errs on the safe side.
+CLOSED_LOOP_REQUESTS_PER_SECOND_ESTIMATE = 20_000
 
 
 class BenchError(Exception):
@@ -92,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cancel-share", type=float, help="checkout: share of winners who cancel (0.2); the rest let it expire"
     )
     crowd.add_argument("--seed", type=int, default=1, help="the crowd is the same for the same seed")
+    crowd.add_argument(
+        "--sku",
+        help="drive this SKU of the server as configured (stock, limit, hold, opening time, registration); needs --url",
+    )
+    crowd.add_argument("--buyers-file", help="buyer ids, one per line or first CSV column (e.g. the registered ones)")
     load = parser.add_argument_group("the load")
     load.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     load.add_argument("--connections", type=int, default=16, help="connections in all (default 16)")
@@ -141,6 +164,17 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
         return "--rate must be above 0"
     if arguments.duration is not None and arguments.duration <= 0:
         return "--duration must be above 0"
+    if arguments.sku is not None:
+        if not arguments.url:
+            return "--sku drives a SKU of a running server: give --url (and --admin-token to read it)"
+        given = [flag for flag in ("peer", "skus", "stock", "hold_seconds") if getattr(arguments, flag) is not None]
+        if given:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in given)
+            return f"--sku takes the SKU's settings from the server: leave out {flags}"
+        if arguments.scenario == "catalog":
+            return "--sku drives one SKU: use the flash or checkout scenario"
+    if arguments.buyers_file is not None and not os.path.isfile(arguments.buyers_file):
+        return f"--buyers-file {arguments.buyers_file} does not exist"
     return None
 
 
@@ -155,20 +189,31 @@ def _check_peer_available(arguments: argparse.Namespace) -> None:
 def run(arguments: argparse.Namespace) -> int:
     _check_peer_available(arguments)
     tag = secrets.token_hex(3)
+    opens_at = None
+    file_buyers = len(read_buyer_file(arguments.buyers_file)) if arguments.buyers_file else None
+    buyers = arguments.buyers if arguments.buyers is not None else file_buyers
+    if file_buyers is not None and buyers is not None and buyers > file_buyers:
+        raise BenchError(f"--buyers {buyers:,} is more than the {file_buyers:,} buyers of {arguments.buyers_file}")
     try:
-        scenario = build_scenario(
-            arguments.scenario,
-            buyers=arguments.buyers,
-            stock=arguments.stock,
-            skus=arguments.skus,
-            seed=arguments.seed,
-            hold_seconds=arguments.hold_seconds,
-            confirm_share=arguments.confirm_share,
-            cancel_share=arguments.cancel_share,
-            sku_tag=tag,
-        )
+        if arguments.sku is not None:
+            scenario, opens_at = configured_sale(arguments, buyers, tag)
+        else:
+            scenario = build_scenario(
+                arguments.scenario,
+                buyers=buyers,
+                stock=arguments.stock,
+                skus=arguments.skus,
+                seed=arguments.seed,
+                hold_seconds=_checkout_hold_seconds(arguments, buyers),
+                confirm_share=arguments.confirm_share,
+                cancel_share=arguments.cancel_share,
+                sku_tag=tag,
+            )
+            if arguments.buyers_file:
+                scenario = replace(scenario, buyers_file=arguments.buyers_file)
     except ValueError as error:
         raise BenchError(str(error)) from None
+    _check_holds_outlive_the_crowd(scenario, arguments)
     demand = scenario.plan().demand()
     procs = min(arguments.procs, arguments.connections)
     inflight = arguments.inflight or INFLIGHT_BATCHES * arguments.batch
@@ -201,6 +246,7 @@ def run(arguments: argparse.Namespace) -> int:
         rate=arguments.rate,
         duration_seconds=arguments.duration,
         show_progress=not arguments.quiet,
+        start_at_epoch=opens_at,
     )
     runs = []
     with _soldout_server(arguments) as server:
@@ -247,6 +293,63 @@ def run(arguments: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+def configured_sale(arguments: argparse.Namespace, buyers: int | None, tag: str) -> tuple[Scenario, float | None]:
+    """The scenario of a SKU the server has, as configured; and when its sale opens."""
+    import trio
+
+    sku = arguments.sku
+    admin_token = arguments.admin_token or arguments.token
+    (reply,) = trio.run(soldout_exchange, arguments.url, admin_token, [{"id": 1, "op": "get_sku", "sku": sku}])
+    if reply["status"] == "unknown_sku":
+        raise BenchError(f"the server has no SKU {sku!r}: put it first (soldout admin ... put-sku {sku} --stock N)")
+    if reply["status"] != "ok":
+        raise BenchError(f"get_sku {sku} was answered {reply['status']}: {reply.get('error', '')} (an admin token?)")
+    if reply["registration_required"] and not arguments.buyers_file:
+        raise BenchError(f"{sku} takes registered buyers only: give them with --buyers-file")
+    if reply["closes_at"] is not None and reply["closes_at"] <= time.time():
+        raise BenchError(f"the sale of {sku} has closed (closes_at {reply['closes_at']})")
+    plan = SkuPlan(sku, reply["available"], reply["per_buyer_limit"], float(reply["hold_seconds"]))
+    scenario = configured_scenario(
+        arguments.scenario,
+        plan,
+        buyers=buyers or DEFAULT_BUYERS,
+        seed=arguments.seed,
+        buyers_file=arguments.buyers_file,
+        key_prefix=f"bench-{tag}-",
+        confirm_share=arguments.confirm_share,
+        cancel_share=arguments.cancel_share,
+    )
+    return scenario, reply["opens_at"]
+
+
+def _crowd_send_seconds(buyers: int, arguments: argparse.Namespace) -> float:
+    rate = arguments.rate or CLOSED_LOOP_REQUESTS_PER_SECOND_ESTIMATE
+    return buyers / rate
+
+
+def _checkout_hold_seconds(arguments: argparse.Namespace, buyers: int | None) -> float | None:
+    """Checkout's default hold outlives the crowd's sending: a hold that ran out before its
+    winner's confirm was sent would make a checkout in which every hold expires."""
+    if arguments.scenario != "checkout" or arguments.hold_seconds is not None:
+        return arguments.hold_seconds
+    sending = _crowd_send_seconds(buyers or DEFAULT_BUYERS, arguments)
+    return max(DEFAULT_HOLD_SECONDS["checkout"], math.ceil(2 * sending))
+
+
+def _check_holds_outlive_the_crowd(scenario: Scenario, arguments: argparse.Namespace) -> None:
+    if not scenario.holds_end:
+        return
+    sending = _crowd_send_seconds(scenario.buyers, arguments)
+    hold_seconds = min(plan.hold_seconds for plan in scenario.skus)
+    if hold_seconds <= sending:
+        pace = f"{arguments.rate:,.0f} requests/s" if arguments.rate else "a closed loop's pace"
+        raise BenchError(
+            f"checkout: holds last {hold_seconds:g} s, but the crowd of {scenario.buyers:,} takes about "
+            f"{sending:.1f} s to send at {pace}: holds would expire before their winners confirm. "
+            f"Give --hold-seconds above {math.ceil(sending)}, fewer --buyers or a higher --rate."
+        )
+
+
 def _describe(scenario: Scenario, settings: dict[str, Any]) -> str:
     loop = f"open loop at {settings['rate']:,.0f} requests/s" if settings["rate"] else "closed loop"
     cap = f", capped at {settings['duration_seconds']:g} s" if settings["duration_seconds"] else ""
@@ -282,6 +385,7 @@ class Load:
         rate: float | None,
         duration_seconds: float | None,
         show_progress: bool,
+        start_at_epoch: float | None = None,
     ) -> None:
         self.procs = procs
         self.connections = connections
@@ -290,6 +394,8 @@ class Load:
         self.rate = rate
         self.duration_seconds = duration_seconds
         self.show_progress = show_progress
+        # The crowd starts then (a configured sale's opening time), or right away.
+        self.start_at_epoch = start_at_epoch
 
     def settings(self, scenario: Scenario, template: DriverSettings) -> list[DriverSettings]:
         """One DriverSettings per process: its connections, and its buyers in proportion."""
@@ -342,7 +448,13 @@ def run_drivers(load: Load, settings: Sequence[DriverSettings], label: str, tota
             kind, index, payload = _next_message(messages, processes, deadline, "to connect")
             if kind == "ready":
                 ready.add(index)
-        start_value.value = time.monotonic() + START_DELAY_SECONDS
+        start = time.monotonic() + START_DELAY_SECONDS
+        if load.start_at_epoch is not None:
+            wait = load.start_at_epoch - time.time()
+            if wait > 0:
+                print(f"waiting {wait:.1f} s for the sale to open", flush=True)
+            start = max(start, time.monotonic() + wait)
+        start_value.value = start
         go.set()
         with _progress_line(load.show_progress, label, progress, len(processes), total_stock) as refresh:
             while len(results) < len(processes):
@@ -574,7 +686,9 @@ def run_soldout(server: SoldoutServer, scenario: Scenario, demand: list[int], lo
     import trio
 
     url, admin_token = server.url, server.admin_token
-    trio.run(soldout_put_skus, url, admin_token, scenario)
+    if not scenario.existing_sku:
+        trio.run(soldout_put_skus, url, admin_token, scenario)
+    baseline = trio.run(soldout_counts, url, admin_token, scenario) if scenario.existing_sku else None
     stats_before = trio.run(soldout_stats, url, admin_token)
     template = DriverSettings("soldout", url, server.token, scenario, 0, range(0), 1, 1, 1, None, None)
     cpu_before = process_cpu_seconds(server.pid)
@@ -595,6 +709,7 @@ def run_soldout(server: SoldoutServer, scenario: Scenario, demand: list[int], lo
         holds_expired=holds_expired,
         stats_skus=stats_skus,
         stats_reserve_ok=reserve_ok,
+        baseline=baseline,
     )
     report = _report(label, "soldout", scenario, merged, checks)
     if cpu_before is not None and cpu_after is not None:
@@ -639,10 +754,7 @@ async def soldout_put_skus(url: str, admin_token: str | None, scenario: Scenario
     from protocol.codec import request_map
     from protocol.messages import PutSku
 
-    commands = [
-        PutSku(plan.sku, plan.stock, plan.per_buyer_limit, plan.hold_seconds, None, None, False)
-        for plan in scenario.skus
-    ]
+    commands = [PutSku(plan.sku, plan.stock, plan.per_buyer_limit, plan.hold_seconds) for plan in scenario.skus]
     requests = [request_map(number, command) for number, command in enumerate(commands, start=1)]
     for command, reply in zip(commands, await soldout_exchange(url, admin_token, requests), strict=True):
         if reply["status"] != "ok":

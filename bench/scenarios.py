@@ -10,7 +10,9 @@ process rebuilds the plan and takes its own share of it instead of receiving it.
     checkout  the flash crowd with a short hold time; each winner then confirms, cancels,
               or lets the hold expire, in configurable shares
 
-Nothing here does I/O.
+A scenario may also drive a sale an operator configured (`existing_sku`): its SKU is
+read from the server, not put, and its buyers can come from a file (the registered
+ones), so a rehearsal runs the exact sale. The only I/O here is reading that file.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class Scenario:
     seed: int
     confirm_share: float = 0.0
     cancel_share: float = 0.0
+    # A configured SKU of the server's, driven as it is (nothing put, nothing cancelled).
+    existing_sku: bool = False
+    # Buyer ids, one per line (first CSV column), instead of generated names.
+    buyers_file: str | None = None
+    # Makes this run's idempotency keys its own, so a run never meets an earlier one's holds.
+    key_prefix: str = ""
 
     @property
     def holds_end(self) -> bool:
@@ -77,16 +85,24 @@ class Scenario:
                 actions.append(CONFIRM if draw < confirm_share else CANCEL if draw < cancel_below else EXPIRE)
         else:
             actions = [KEEP] * self.buyers
-        return Plan(self, sku_indexes, actions)
+        names = read_buyer_file(self.buyers_file)[: self.buyers] if self.buyers_file else None
+        return Plan(self, sku_indexes, actions, names)
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Buyer number i is `buyer_name(i)`, tries SKU `sku_indexes[i]` once, then does `actions[i]`."""
+    """Buyer number i is `buyer(i)`, tries SKU `sku_indexes[i]` once, then does `actions[i]`."""
 
     scenario: Scenario
     sku_indexes: list[int]
     actions: list[int]
+    names: list[str] | None = None  # buyer ids from the scenario's buyers file
+
+    def buyer(self, number: int) -> str:
+        return self.names[number] if self.names is not None else buyer_name(number)
+
+    def key(self, number: int) -> str:
+        return self.scenario.key_prefix + idempotency_key(number)
 
     def demand(self) -> list[int]:
         """How many buyers try each SKU."""
@@ -151,6 +167,35 @@ def build_scenario(
         names = [f"SKU{tag}-{index:0{width}d}" for index in range(sku_count)]
     plans = tuple(SkuPlan(sku, stock, PER_BUYER_LIMIT, float(hold_seconds)) for sku in names)
     return Scenario(name, plans, buyers, seed, confirm, cancel)
+
+
+def read_buyer_file(path: str) -> list[str]:
+    """Buyer ids from the first column of a CSV file, as `soldout admin register` reads them."""
+    from engine.admin import read_buyer_ids
+
+    with open(path, newline="") as file:
+        return list(read_buyer_ids(file))
+
+
+def configured_scenario(
+    name: str,
+    plan: SkuPlan,
+    *,
+    buyers: int,
+    seed: int,
+    buyers_file: str | None,
+    key_prefix: str,
+    confirm_share: float | None = None,
+    cancel_share: float | None = None,
+) -> Scenario:
+    """A scenario over one SKU the server already has: `plan` holds what the server said."""
+    if buyers < 1:
+        raise ValueError("buyers must be at least 1")
+    confirm = cancel = 0.0
+    if name == "checkout":
+        confirm = DEFAULT_CONFIRM_SHARE if confirm_share is None else confirm_share
+        cancel = DEFAULT_CANCEL_SHARE if cancel_share is None else cancel_share
+    return Scenario(name, (plan,), buyers, seed, confirm, cancel, True, buyers_file, key_prefix)
 
 
 def split(numbers: range, parts: int) -> list[range]:

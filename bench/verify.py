@@ -61,6 +61,7 @@ def check_run(
     holds_expired: bool = False,
     stats_skus: Mapping[str, Mapping[str, Any]] | None = None,
     stats_reserve_ok: int | None = None,
+    baseline: Sequence[Counts | None] | None = None,
 ) -> list[Check]:
     """Every check that applies to this run, passed or not.
 
@@ -68,7 +69,10 @@ def check_run(
     reply for SKU i (None when it does not know the SKU). `holds_expired` says every
     hold of the run is past its expiry (checkout waits for that before reading the
     counts). `stats_skus` is soldout's `stats` per SKU; `stats_reserve_ok` is how many
-    reserves the server's stats counted `ok` during the run.
+    reserves the server's stats counted `ok` during the run. `baseline` holds the counts
+    before the run of a SKU the server already had: its holds from before may end during
+    the run, so the run is checked by what it added (ok replies within what was available,
+    confirms against the units sold since) rather than by totals.
     """
     skus = scenario.skus
     assert len(demand) == len(skus) == len(counts)
@@ -86,7 +90,9 @@ def check_run(
     ]
     checks.append(_check("held + sold <= stock", not oversold, _examples(oversold)))
 
-    if not scenario.holds_end:
+    if baseline is not None:
+        checks += _checks_against_baseline(scenario, ok_per_sku, observed, counts, baseline)
+    elif not scenario.holds_end:
         # Nothing gives units back, so the ok replies are exactly the units held.
         over_ok = [
             f"{plan.sku}: {ok_per_sku[index]} ok for a stock of {plan.stock}"
@@ -154,6 +160,35 @@ def check_run(
                 f"the server counted {stats_reserve_ok} ok reserves during the run, the drivers were told {told}",
             )
         )
+    return checks
+
+
+def _checks_against_baseline(
+    scenario: Scenario,
+    ok_per_sku: Counter[int],
+    observed: Observed,
+    counts: Sequence[Counts | None],
+    baseline: Sequence[Counts | None],
+) -> list[Check]:
+    skus = scenario.skus
+    pairs = [
+        (index, before, after)
+        for index, (before, after) in enumerate(zip(baseline, counts, strict=True))
+        if before is not None and after is not None
+    ]
+    over = [
+        f"{skus[index].sku}: {ok_per_sku[index]} ok, {before.available} were available"
+        for index, before, _ in pairs
+        if ok_per_sku[index] > before.available
+    ]
+    checks = [_check("ok replies <= units available at the start", not over, _examples(over))]
+    sold = [
+        f"{skus[index].sku}: sold {after.sold - before.sold} during the run, confirmed ok "
+        f"{observed.confirmed.get(index, 0)}"
+        for index, before, after in pairs
+        if after.sold - before.sold != observed.confirmed.get(index, 0)
+    ]
+    checks.append(_check("units sold during the run == ok confirms", not sold, _examples(sold)))
     return checks
 
 
