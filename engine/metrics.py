@@ -2,19 +2,19 @@
 
 Counting happens once per frame (requests are tallied in a local dict and added in
 one step), so metrics stay off the per-request path. Per-SKU stock and engine
-figures are read by a trio task into an immutable view that Prometheus's scrape
-thread reads, so the scrape never walks a book that a shard is changing.
+figures are read by a trio task into an immutable view that the scrape (a worker
+thread, see engine/metrics_http.py) reads, so it never walks a book that a shard is
+changing.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -176,9 +176,10 @@ class GatewayMetrics:
             self._engine_view.update(engine)
             await trio.sleep(interval_seconds)
 
-    def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:
-        """Serve /metrics on its own port (a thread of prometheus-client's)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    async def exposition(self) -> tuple[bytes, bytes]:
+        """The Prometheus text format of every figure: (content type, body), for /metrics."""
+        body = await trio.to_thread.run_sync(generate_latest, self.registry)
+        return CONTENT_TYPE_LATEST.encode(), body
 
 
 class EngineView(Collector):

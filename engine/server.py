@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import trio
 
 from engine.api import Engine, open_engine
+from engine.descriptors import descriptors_wanted, raise_descriptor_limit
 from engine.gateway import ENDPOINT_PATH, Gateway
 from engine.metrics import GatewayMetrics
+from engine.metrics_http import MetricsServer
 from engine.server_config import ConfigError, ServerConfig
 
 log = logging.getLogger("soldout.server")
@@ -62,37 +64,53 @@ async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
         await put_configured_skus(engine, config)
         gateway = Gateway(engine, config, metrics)
-        metrics_port = None
-        http_server = None
-        if config.metrics_port is not None:
-            http_server, _ = metrics.serve(config.host, config.metrics_port)
-            metrics_port = http_server.server_port
-        try:
-            refreshing = trio.CancelScope()
+        stopping = trio.CancelScope()
 
-            async def refresh_metrics() -> None:
-                with refreshing:
-                    await metrics.refresh_engine_view(engine)
+        async def run_beside_the_gateway(task_status: trio.TaskStatus[int | None]) -> None:
+            """The metrics endpoint and the task that keeps its view of the engine fresh."""
+            with stopping:
+                async with trio.open_nursery() as nursery:
+                    metrics_port = None
+                    if config.metrics_port is not None:
+                        tokens = config.admin_tokens if config.metrics_token_required else None
+                        endpoint = MetricsServer(
+                            {"/metrics": metrics.exposition},
+                            tokens=tokens,
+                            request_seconds=config.limits.handshake_seconds_max,
+                        )
+                        metrics_port = await nursery.start(endpoint.serve, config.metrics_host, config.metrics_port)
+                    nursery.start_soon(metrics.refresh_engine_view, engine)
+                    task_status.started(metrics_port)
 
-            body_error: Exception | None = None
-            async with trio.open_nursery() as nursery:
-                port = await nursery.start(gateway.serve)
-                nursery.start_soon(refresh_metrics)
-                try:
-                    yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port)
-                except Exception as error:
-                    body_error = error
-                finally:
-                    # The gateway ends by itself once in-flight frames are answered.
-                    gateway.shutdown()
-                    refreshing.cancel()
-            if body_error is not None:
-                # The caller's own exception leaves as itself, not inside the nursery's group.
-                raise body_error
-        finally:
-            if http_server is not None:
-                http_server.shutdown()
-                http_server.server_close()
+        body_error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(gateway.serve)
+            metrics_port = await nursery.start(run_beside_the_gateway)
+            try:
+                yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port)
+            except Exception as error:
+                body_error = error
+            finally:
+                # The gateway ends by itself once in-flight frames are answered.
+                gateway.shutdown()
+                stopping.cancel()
+        if body_error is not None:
+            # The caller's own exception leaves as itself, not inside the nursery's group.
+            raise body_error
+
+
+def metrics_exposure(config: ServerConfig, port: int) -> str:
+    """Where /metrics is and who may read it, for the start-up log."""
+    host = f"[{config.metrics_host}]" if ":" in config.metrics_host else config.metrics_host
+    who = (
+        "an admin token required (Authorization: Bearer)"
+        if config.metrics_token_required
+        else "loopback only, no token"
+    )
+    return (
+        f"metrics at http://{host}:{port}/metrics ({who}): per-SKU stock, available, held and sold; "
+        "requests by op and status; frames, bytes, connections; journal commits; shard mailboxes"
+    )
 
 
 # The book's objects live as long as the sale and hold no reference cycles, so the
@@ -104,6 +122,9 @@ SERVER_GC_THRESHOLDS = (100_000, 50, 1000)
 async def serve(config: ServerConfig, *, announce: bool = True) -> None:
     """Run until SIGINT or SIGTERM; then shut down cleanly and return."""
     gc.set_threshold(*SERVER_GC_THRESHOLDS)
+    # A soft descriptor limit of 1024 is common; the hard one is what the operator allows.
+    limits = config.limits
+    raise_descriptor_limit(descriptors_wanted(config.engine.shards, limits.connections_max + limits.handshakes_max))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(config) as server:
             # What recovery built stays for the life of the process: keep it out of
@@ -112,7 +133,7 @@ async def serve(config: ServerConfig, *, announce: bool = True) -> None:
             if announce:
                 print(f"soldout serving {server.url}", flush=True)
                 if server.metrics_port is not None:
-                    print(f"metrics at http://{config.host}:{server.metrics_port}/metrics", flush=True)
+                    print(metrics_exposure(config, server.metrics_port), flush=True)
             async for received in signals:
                 log.info("received %s: shutting down", signal.Signals(received).name)
                 break

@@ -39,6 +39,9 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     metrics_port: int | None = DEFAULT_METRICS_PORT
+    # /metrics shows every SKU's stock, held and sold: loopback unless asked, and
+    # elsewhere only to an admin token (see metrics_token_required).
+    metrics_host: str = DEFAULT_HOST
     engine: EngineConfig = field(default_factory=EngineConfig)
     frontend_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
@@ -55,11 +58,21 @@ class ServerConfig:
         """No tokens: every connection is admitted with both roles (loopback only)."""
         return not self.frontend_tokens and not self.admin_tokens
 
+    @property
+    def metrics_token_required(self) -> bool:
+        """/metrics asks for an admin token: it listens beyond loopback."""
+        return self.metrics_port is not None and not is_loopback(self.metrics_host)
+
     def check_bind_address(self) -> None:
         if self.open_access and not is_loopback(self.host):
             raise ConfigError(
                 f"server.host = {self.host!r} is not a loopback address and no tokens are configured: "
                 "set auth.frontend_tokens / auth.admin_tokens, or bind to 127.0.0.1"
+            )
+        if self.metrics_token_required and not self.admin_tokens:
+            raise ConfigError(
+                f"server.metrics_host = {self.metrics_host!r} is not a loopback address, and there /metrics "
+                "needs an admin token, but auth.admin_tokens is empty: add one, or bind the metrics to 127.0.0.1"
             )
 
 
@@ -73,7 +86,7 @@ def is_loopback(host: str) -> bool:
 
 
 _SECTIONS = {"server", "engine", "auth", "limits", "sku"}
-_SERVER_KEYS = {"host", "port", "metrics_port", "shutdown_grace_seconds"}
+_SERVER_KEYS = {"host", "port", "metrics_host", "metrics_port", "shutdown_grace_seconds"}
 _ENGINE_KEYS = {"shards", "data_dir", "durable", "snapshot_records_min"}
 _AUTH_KEYS = {"frontend_tokens", "admin_tokens"}
 _SKU_KEYS = {"id", "stock", "per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required"}
@@ -102,6 +115,7 @@ def parse_server_config(document: dict[str, Any]) -> ServerConfig:
     _no_unknown_keys(limits_table, set(Limits.field_names()), "limits.")
 
     host = _get(server, "server.host", str, DEFAULT_HOST)
+    metrics_host = _get(server, "server.metrics_host", str, DEFAULT_HOST)
     port = _port(server, "server.port", DEFAULT_PORT, allow_zero=True)
     metrics_port = server.get("metrics_port", DEFAULT_METRICS_PORT)
     if metrics_port is not None and metrics_port is not False:
@@ -117,7 +131,10 @@ def parse_server_config(document: dict[str, Any]) -> ServerConfig:
         if type(value) is not int or value < 1:
             raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
         limits_values[name] = value
-    limits = Limits(**limits_values)
+    try:
+        limits = Limits(**limits_values)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
     shards = _get(engine, "engine.shards", int, 8)
     if not 1 <= shards <= 1024:
@@ -148,6 +165,7 @@ def parse_server_config(document: dict[str, Any]) -> ServerConfig:
         host=host,
         port=port,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
         engine=engine_config,
         frontend_tokens=frontend_tokens,
         admin_tokens=admin_tokens,

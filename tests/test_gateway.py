@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -36,15 +35,15 @@ from wire_helpers import (
     reserve_map,
     send,
     server_config,
+    serving_gated,
     wire_counts,
 )
 
 from engine.api import Engine, open_engine
 from engine.gateway import ADMIN, OUTBOX_FRAMES_MAX, Connection, Gateway
 from engine.server import RunningServer, open_server, put_configured_skus
-from engine.server_config import ConfigError, ServerConfig, SkuSettings
+from engine.server_config import ConfigError, SkuSettings
 from protocol.limits import Limits
-from protocol.messages import Command
 
 SKU = "MI-BAND-1"
 
@@ -467,45 +466,11 @@ async def test_a_batch_over_the_bound_gets_one_invalid_reply_and_the_connection_
         assert await engine_counts(server.engine) == (100, 100 - bound, bound, 0)
 
 
-class GatedEngine:
-    """An engine whose decisions wait for `gate`: requests stay in flight until the test opens it."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.gate = trio.Event()
-        self.commands_handed = 0
-
-    async def execute(self, commands: Sequence[Command], *, wait: bool = True) -> list[Any]:
-        self.commands_handed += len(commands)
-        await self.gate.wait()
-        return await self.engine.execute(commands, wait=wait)
-
-    def statistics(self) -> Any:
-        return self.engine.statistics()
-
-    def sku_counts(self) -> Any:
-        return self.engine.sku_counts()
-
-
-@asynccontextmanager
-async def serving_gated(config: ServerConfig) -> AsyncIterator[tuple[str, GatedEngine, Engine]]:
-    """A gateway (the real one, on a real socket) in front of a gated engine."""
-    async with open_engine(config.engine) as engine:
-        await put_configured_skus(engine, config)
-        gated = GatedEngine(engine)
-        gateway = Gateway(gated, config)  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(gateway.serve)
-            try:
-                yield f"ws://127.0.0.1:{port}/v1", gated, engine
-            finally:
-                gated.gate.set()
-                gateway.shutdown()
-
-
 async def test_over_the_inflight_bound_requests_are_answered_busy_and_change_nothing() -> None:
-    config = server_config(skus=(SkuSettings(SKU, stock=100),), limits=Limits(inflight_requests_max=10))
-    async with serving_gated(config) as (url, gated, engine), open_raw(url) as websocket:
+    config = server_config(
+        skus=(SkuSettings(SKU, stock=100),), limits=Limits(inflight_requests_max=10, batch_requests_max=10)
+    )
+    async with serving_gated(config) as (url, gated, engine, _), open_raw(url) as websocket:
         await send(websocket, [reserve_map(index, SKU, f"a{index}") for index in range(6)])
         await send(websocket, [reserve_map(10 + index, SKU, f"b{index}") for index in range(4)])
         # Ten requests wait at the gate: the connection is at its bound.
@@ -566,7 +531,7 @@ async def test_a_peer_that_never_reads_gets_a_bounded_number_of_requests_decided
     # the rest wait unread (or are answered busy), and memory stays flat.
     frame_requests = 10
     frames = 300
-    limits = Limits(inflight_requests_max=frame_requests)
+    limits = Limits(inflight_requests_max=frame_requests, batch_requests_max=frame_requests)
     config = server_config(skus=(SkuSettings(SKU, stock=frames * frame_requests),), limits=limits)
     payloads = [
         pack([reserve_map(index, SKU, f"u{frame}-{index}") for index in range(frame_requests)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,11 +23,14 @@ import msgpack
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
+from engine.api import Engine, open_engine
 from engine.config import EngineConfig
-from engine.server import RunningServer, open_server
+from engine.gateway import Gateway
+from engine.server import RunningServer, open_server, put_configured_skus
 from engine.server_config import ServerConfig, SkuSettings
 from protocol.client import Client, open_client
 from protocol.limits import Limits
+from protocol.messages import Command
 
 FRONTEND_TOKEN = "front-secret"
 ADMIN_TOKEN = "admin-secret"
@@ -60,6 +64,8 @@ def server_config(
     shards: int = 4,
     metrics_port: int | None = None,
     host: str = "127.0.0.1",
+    metrics_host: str = "127.0.0.1",
+    shutdown_grace_seconds: float = 10.0,
 ) -> ServerConfig:
     """A ServerConfig on an ephemeral loopback port; metrics off unless a port is given."""
     engine_options: dict[str, Any] = {"shards": shards, "data_dir": data_dir, "limits": limits or Limits()}
@@ -69,6 +75,8 @@ def server_config(
         host=host,
         port=0,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        shutdown_grace_seconds=shutdown_grace_seconds,
         engine=EngineConfig(**engine_options),
         frontend_tokens=(FRONTEND_TOKEN,) if tokens else (),
         admin_tokens=(ADMIN_TOKEN,) if tokens else (),
@@ -320,6 +328,45 @@ class BackgroundServer:
         await self._stopped.wait()
 
 
+# ------------------------------------------------------------ a gated engine
+
+
+class GatedEngine:
+    """An engine whose decisions wait for `gate`: requests stay in flight until the test opens it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.gate = trio.Event()
+        self.commands_handed = 0
+
+    async def execute(self, commands: Sequence[Command], *, wait: bool = True) -> list[Any]:
+        self.commands_handed += len(commands)
+        await self.gate.wait()
+        return await self.engine.execute(commands, wait=wait)
+
+    def statistics(self) -> Any:
+        return self.engine.statistics()
+
+    def sku_counts(self) -> Any:
+        return self.engine.sku_counts()
+
+
+@asynccontextmanager
+async def serving_gated(config: ServerConfig) -> AsyncIterator[tuple[str, GatedEngine, Engine, Gateway]]:
+    """A gateway (the real one, on a real socket) in front of a gated engine."""
+    async with open_engine(config.engine) as engine:
+        await put_configured_skus(engine, config)
+        gated = GatedEngine(engine)
+        gateway = Gateway(gated, config)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(gateway.serve)
+            try:
+                yield f"ws://127.0.0.1:{port}/v1", gated, engine, gateway
+            finally:
+                gated.gate.set()
+                gateway.shutdown()
+
+
 # ------------------------------------------------------------ server processes
 
 
@@ -344,8 +391,36 @@ class ServerProcess:
         return b"".join(chunks).decode(errors="replace")
 
 
-def soldout_command(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *arguments]
+# Runs `soldout ARGUMENTS` under a descriptor limit (soft and hard), so that the server
+# cannot raise it back.
+_LIMITED_LAUNCH = (
+    "import resource, sys; limit = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
+    "from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def soldout_command(*arguments: str, descriptor_limit: int | None = None) -> list[str]:
+    if descriptor_limit is None:
+        return [sys.executable, "-m", "engine.cli", *arguments]
+    return [sys.executable, "-c", _LIMITED_LAUNCH, str(descriptor_limit), *arguments]
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def resident_mib(pid: int) -> float:
+    """The process's resident set (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def descriptors_open_here() -> int:
+    """Descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd")) - 1
 
 
 def process_environment() -> dict[str, str]:
@@ -356,12 +431,14 @@ def process_environment() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def run_server_process(arguments: Sequence[str], stderr_path: Path) -> AsyncIterator[ServerProcess]:
+async def run_server_process(
+    arguments: Sequence[str], stderr_path: Path, *, descriptor_limit: int | None = None
+) -> AsyncIterator[ServerProcess]:
     """Start `soldout serve ARGUMENTS`, wait for its address, and kill it when the block ends."""
     stderr_descriptor = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         process = await trio.lowlevel.open_process(
-            soldout_command("serve", *arguments),
+            soldout_command("serve", *arguments, descriptor_limit=descriptor_limit),
             stdout=subprocess.PIPE,
             stderr=stderr_descriptor,
             cwd=str(REPOSITORY),
@@ -527,3 +604,189 @@ async def check_ledger_after_restart(url: str, ledger: Ledger, *, batch: int = 5
             replies = await exchange(websocket, frame)
             for (reservation, _), reply in zip(chunk, replies, strict=True):
                 assert reply["status"] == "conflict", f"confirmed hold {reservation} was not kept: {reply}"
+
+
+# ------------------------------------------------------------ a websocket peer in bytes
+
+OPCODE_CONTINUATION = 0x0
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+OPCODE_CLOSE = 0x8
+OPCODE_PING = 0x9
+HANDSHAKE_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def upgrade_request(path: str = "/v1", headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """The bytes of a websocket upgrade request (RFC 6455 section 4.1) with `headers` added."""
+    lines = [
+        f"GET {path} HTTP/1.1".encode(),
+        b"Host: 127.0.0.1",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + HANDSHAKE_KEY,
+        b"Sec-WebSocket-Version: 13",
+        *(name + b": " + value for name, value in headers),
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def frame_bytes(
+    opcode: int, payload: bytes = b"", *, fin: bool = True, rsv1: bool = False, masked: bool = True
+) -> bytes:
+    """One websocket frame, built by hand so that a test can break any rule of RFC 6455."""
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    length = len(payload)
+    if length < 126:
+        header = bytes([first, mask_bit | length])
+    elif length < 65536:
+        header = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
+    if not masked:
+        return header + payload
+    mask = b"\x11\x22\x33\x44"
+    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+class RawPeer:
+    """A TCP connection to a server that speaks websocket bytes by hand.
+
+    For what no client library will send: half-open connections, bad frames, a peer that
+    never answers the close, headers twice.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, port: int) -> RawPeer:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def _fill(self) -> bool:
+        """Read more bytes into the buffer; False at end of stream (or a reset)."""
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return False
+        self.buffer += data
+        return bool(data)
+
+    async def http_response(self) -> tuple[int, bytes]:
+        """The status code and the raw head of the server's HTTP response; 0 if it hung up first."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not await self._fill():
+                return 0, bytes(self.buffer)
+        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
+        self.buffer = bytearray(rest)
+        return int(head.split(b" ", 2)[1]), head
+
+    async def upgrade(self, path: str = "/v1", headers: Sequence[tuple[bytes, bytes]] = ()) -> int:
+        """Send an upgrade request; the HTTP status that answers it."""
+        await self.stream.send_all(upgrade_request(path, headers))
+        status, _ = await self.http_response()
+        return status
+
+    async def send_frame(self, opcode: int, payload: bytes = b"", **options: bool) -> None:
+        await self.stream.send_all(frame_bytes(opcode, payload, **options))
+
+    async def read_frame(self) -> tuple[int, bytes] | None:
+        """The next frame from the server (opcode, payload); None at end of stream."""
+        while True:
+            data = self.buffer
+            if len(data) >= 2:
+                length = data[1] & 0x7F
+                start = 2
+                if length == 126:
+                    start, length = 4, int.from_bytes(data[2:4], "big")
+                elif length == 127:
+                    start, length = 10, int.from_bytes(data[2:10], "big")
+                if len(data) >= start + length:
+                    opcode = data[0] & 0x0F
+                    payload = bytes(data[start : start + length])
+                    del data[: start + length]
+                    return opcode, payload
+            if not await self._fill():
+                return None
+
+    async def close_code(self) -> int | None:
+        """Read until the server's close frame: its code; None if the server hung up without one."""
+        while True:
+            frame = await self.read_frame()
+            if frame is None:
+                return None
+            opcode, payload = frame
+            if opcode == OPCODE_CLOSE:
+                return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+
+    async def wait_for_hang_up(self) -> None:
+        """Read and discard until the server closes the connection."""
+        while await self._fill():
+            self.buffer.clear()
+
+
+class NonReadingPeer:
+    """A websocket peer that sends and never reads: a stuck frontend, or a hostile one.
+
+    Its receive buffer is made tiny; batches of pings fill the server's socket and the
+    connection's outbox with replies; then it sends `register` frames of about
+    `frame_bytes` (one request each, to an unknown SKU) until the server stops reading.
+    """
+
+    PING_FRAMES = 100
+    PINGS_PER_FRAME = 200
+
+    def __init__(self, port: int, token: str = FRONTEND_TOKEN, *, frame_bytes: int = 1_000_000) -> None:
+        self.port = port
+        self.token = token
+        self.frame_bytes = frame_bytes
+        self.bytes_sent = 0
+        self.peer: RawPeer | None = None
+
+    async def run(self) -> None:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", self.port))
+        self.peer = RawPeer(trio.SocketStream(sock))
+        assert await self.peer.upgrade(headers=bearer(self.token)) == 101
+        pings = frame_bytes(OPCODE_BINARY, pack([{"id": i, "op": "ping"} for i in range(self.PINGS_PER_FRAME)]))
+        name_bytes = 250
+        buyers = [f"{index:08d}".ljust(name_bytes, "b") for index in range(self.frame_bytes // (name_bytes + 2))]
+        register = frame_bytes(OPCODE_BINARY, pack({"id": 1, "op": "register", "sku": "NO-SUCH-SKU", "buyers": buyers}))
+        for payload in [pings] * self.PING_FRAMES + [register] * 1_000_000:
+            await self.peer.stream.send_all(payload)
+            self.bytes_sent += len(payload)
+
+    async def aclose(self) -> None:
+        if self.peer is not None:
+            await self.peer.aclose()
+
+
+async def http_get(
+    port: int, path: str, headers: Sequence[tuple[bytes, bytes]] = (), *, method: str = "GET"
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to 127.0.0.1:port, in bytes; (status, body) of the answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", *(n + b": " + v for n, v in headers)]
+        await stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        response = b""
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something on this machine listens on at TCP `port` (Linux)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
