@@ -68,6 +68,11 @@ class SkuCounts:
     available: int
     held: int
     sold: int
+    # Holds made and ended since the SKU was created.
+    holds_created: int = 0
+    holds_confirmed: int = 0
+    holds_cancelled: int = 0
+    holds_expired: int = 0
 
 
 class Engine:
@@ -275,7 +280,19 @@ class Engine:
         counts = []
         for shard in self._shards:
             for state in shard.book.skus.values():
-                counts.append(SkuCounts(state.sku, state.stock, state.available, state.held, state.sold))
+                counts.append(
+                    SkuCounts(
+                        state.sku,
+                        state.stock,
+                        state.available,
+                        state.held,
+                        state.sold,
+                        state.holds_created,
+                        state.holds_confirmed,
+                        state.holds_cancelled,
+                        state.holds_expired,
+                    )
+                )
         return counts
 
 

@@ -136,6 +136,10 @@ class SkuState:
         "closes_at",
         "held",
         "hold_seconds",
+        "holds_cancelled",
+        "holds_confirmed",
+        "holds_created",
+        "holds_expired",
         "keys",
         "opens_at",
         "per_buyer_limit",
@@ -161,6 +165,11 @@ class SkuState:
         self.registered: set[str] = set()
         # Idempotency key -> hold number, for the SKU's lifetime.
         self.keys: dict[str, int] = {}
+        # Holds made and ended, for the SKU's lifetime (metrics counters; rebuilt at replay).
+        self.holds_created = 0
+        self.holds_confirmed = 0
+        self.holds_cancelled = 0
+        self.holds_expired = 0
 
     @property
     def available(self) -> int:
@@ -565,6 +574,7 @@ class Book:
                 raise InvariantViolation(f"key {key!r} of {sku!r} would make a second hold")
             state.keys[key] = number
         self.holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
+        state.holds_created += 1
         self.last_hold_number = number
         heapq.heappush(self._expiry_heap, (expires_at, number))
 
@@ -581,7 +591,12 @@ class Book:
         state.held -= hold.qty
         if ending == CONFIRMED:
             state.sold += hold.qty
+            state.holds_confirmed += 1
         else:
+            if ending == CANCELLED:
+                state.holds_cancelled += 1
+            else:
+                state.holds_expired += 1
             units = state.buyer_units[hold.buyer] - hold.qty
             if units:
                 state.buyer_units[hold.buyer] = units
@@ -666,6 +681,13 @@ class Book:
                 state.sold += qty
             if hold_state in (HELD, CONFIRMED):
                 state.buyer_units[buyer] = state.buyer_units.get(buyer, 0) + qty
+            state.holds_created += 1
+            if hold_state == CONFIRMED:
+                state.holds_confirmed += 1
+            elif hold_state == CANCELLED:
+                state.holds_cancelled += 1
+            elif hold_state == EXPIRED_STATE:
+                state.holds_expired += 1
         heapq.heapify(heap)
         book.last_hold_number = data["last_hold_number"]
         book.check_invariants()
@@ -678,6 +700,8 @@ class Book:
         held: dict[str, int] = {}
         sold: dict[str, int] = {}
         units: dict[str, dict[str, int]] = {sku: {} for sku in self.skus}
+        # Holds per SKU by state: created (any state), confirmed, cancelled, expired.
+        events: dict[str, list[int]] = {sku: [0, 0, 0, 0] for sku in self.skus}
         for number, hold in self.holds.items():
             if number != hold.number or number > self.last_hold_number:
                 raise InvariantViolation(f"hold {number} is filed under the wrong number")
@@ -688,6 +712,10 @@ class Book:
                 held[sku] = held.get(sku, 0) + hold.qty
             elif hold.state == CONFIRMED:
                 sold[sku] = sold.get(sku, 0) + hold.qty
+            counted = events[sku]
+            counted[0] += 1
+            if hold.state != HELD:
+                counted[hold.state] += 1  # CONFIRMED, CANCELLED and EXPIRED_STATE are 1, 2, 3
             if hold.state in (HELD, CONFIRMED):
                 buyer_units = units[sku]
                 buyer_units[hold.buyer] = buyer_units.get(hold.buyer, 0) + hold.qty
@@ -696,6 +724,9 @@ class Book:
         for sku, state in self.skus.items():
             if state.held != held.get(sku, 0) or state.sold != sold.get(sku, 0):
                 raise InvariantViolation(f"{sku!r} counts disagree with its holds")
+            recorded = [state.holds_created, state.holds_confirmed, state.holds_cancelled, state.holds_expired]
+            if recorded != events[sku]:
+                raise InvariantViolation(f"{sku!r} counts holds {recorded}, its holds say {events[sku]}")
             if state.held < 0 or state.sold < 0 or state.held + state.sold > state.stock:
                 raise InvariantViolation(f"{sku!r}: held {state.held} + sold {state.sold} > stock {state.stock}")
             if state.buyer_units != units[sku]:

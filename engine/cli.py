@@ -9,6 +9,7 @@ soldout bench [flash|catalog|checkout] ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,14 @@ from collections.abc import Sequence
 import trio
 
 from engine.journal import JournalCorrupt
-from engine.server_config import ConfigError, ServerConfig, SkuSettings, load_server_config, with_overrides
+from engine.listening import ListenError
+from engine.server_config import (
+    ConfigError,
+    ServerConfig,
+    SkuSettings,
+    load_server_config,
+    with_overrides,
+)
 from engine.store import DataDirError
 from engine.times import TimeFormatError, parse_time, parse_time_or_clear
 from protocol.messages import UNCHANGED
@@ -37,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="journal and snapshots here (default: memory only)")
     serve.add_argument("--metrics-port", type=int, help="port of /metrics (default 9765; 0 picks a free one)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    serve.add_argument(
+        "--apply-config-skus",
+        action="store_true",
+        help="apply the config file's [[sku]] settings to SKUs that exist (restock semantics); "
+        "without it the journal's settings stand and only missing SKUs are created",
+    )
 
     admin = commands.add_parser("admin", help="run an admin operation against a server")
     admin.add_argument("--url", required=True, help="the server's websocket address, ws://HOST:PORT/v1")
@@ -149,8 +163,29 @@ def _serve(arguments: argparse.Namespace) -> int:
         data_dir=arguments.data_dir,
         metrics_port=arguments.metrics_port,
     )
-    trio.run(serve, config)
+    if arguments.apply_config_skus:
+        config = dataclasses.replace(config, apply_config_skus=True)
+    try:
+        trio.run(serve, config)
+    except (ListenError, BaseExceptionGroup) as error:
+        listen_error = _find(error, ListenError)
+        if listen_error is None:
+            raise
+        print(f"soldout: {listen_error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _find(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in `error` or, for an exception group, in the exceptions it holds."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def _export(arguments: argparse.Namespace) -> int:

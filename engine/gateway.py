@@ -32,6 +32,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from engine.api import Engine, EngineClosed
 from engine.descriptors import socket_budget
 from engine.inflight import InflightBytes
+from engine.listening import open_listeners
 from engine.memory import MemoryReturner
 from engine.metrics import GatewayMetrics
 from engine.server_config import ServerConfig
@@ -124,7 +125,7 @@ class Gateway:
             log.warning(
                 "no tokens configured: every connection gets both roles; bound to loopback %s", self.config.host
             )
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners = await open_listeners(self.config.host, self.config.port, "server.port")
         try:
             self._budget_sockets()
             async with trio.open_nursery() as sockets:

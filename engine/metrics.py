@@ -14,11 +14,26 @@ from collections.abc import Iterator
 from typing import Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.api import Engine
+from engine.api import Engine, SkuCounts
+from engine.shard import ShardStatistics
+
+# A `_created` series beside every counter and histogram only clutters a dashboard.
+disable_created_metrics()
+
+HOLD_EVENTS = ("created", "confirmed", "cancelled", "expired")
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
@@ -29,6 +44,8 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
         self.started_at = time.time()
         self.requests: dict[tuple[str, str], int] = {}
         self.frames_received = 0
@@ -156,6 +173,9 @@ class GatewayMetrics:
                     "holds": shard.holds,
                     "mailbox_used": shard.mailbox_used,
                     "snapshots": shard.snapshots,
+                    "state": shard.state,
+                    "faults": shard.faults,
+                    "snapshot_failures": shard.snapshot_failures,
                 }
                 for shard in statistics.shards
             ],
@@ -176,37 +196,56 @@ class GatewayMetrics:
             self._engine_view.update(engine)
             await trio.sleep(interval_seconds)
 
-    async def exposition(self) -> tuple[bytes, bytes]:
-        """The Prometheus text format of every figure: (content type, body), for /metrics."""
+    async def exposition(self) -> tuple[int, bytes, bytes]:
+        """The Prometheus text format of every figure: (200, content type, body), for /metrics."""
         body = await trio.to_thread.run_sync(generate_latest, self.registry)
-        return CONTENT_TYPE_LATEST.encode(), body
+        return 200, CONTENT_TYPE_LATEST.encode(), body
 
 
 class EngineView(Collector):
     """Per-SKU stock gauges and shard figures, as last copied by the trio thread."""
 
     def __init__(self) -> None:
-        self._skus: tuple[tuple[str, int, int, int, int], ...] = ()
-        self._mailboxes: tuple[tuple[int, int], ...] = ()
+        self._skus: tuple[SkuCounts, ...] = ()
+        self._shards: tuple[ShardStatistics, ...] = ()
 
     def update(self, engine: Engine) -> None:
-        self._skus = tuple((c.sku, c.stock, c.available, c.held, c.sold) for c in engine.sku_counts())
-        self._mailboxes = tuple((s.shard, s.mailbox_used) for s in engine.statistics().shards)
+        self._skus = tuple(engine.sku_counts())
+        self._shards = engine.statistics().shards
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         families = {
             name: GaugeMetricFamily(f"soldout_sku_{name}_units", f"Units of a SKU: {name}", labels=["sku"])
             for name in ("stock", "available", "held", "sold")
         }
-        for sku, stock, available, held, sold in self._skus:
-            families["stock"].add_metric([sku], stock)
-            families["available"].add_metric([sku], available)
-            families["held"].add_metric([sku], held)
-            families["sold"].add_metric([sku], sold)
+        holds = {
+            event: CounterMetricFamily(f"soldout_holds_{event}", f"Holds {event} since the SKU was put", labels=["sku"])
+            for event in HOLD_EVENTS
+        }
+        for counts in self._skus:
+            label = [counts.sku]
+            families["stock"].add_metric(label, counts.stock)
+            families["available"].add_metric(label, counts.available)
+            families["held"].add_metric(label, counts.held)
+            families["sold"].add_metric(label, counts.sold)
+            holds["created"].add_metric(label, counts.holds_created)
+            holds["confirmed"].add_metric(label, counts.holds_confirmed)
+            holds["cancelled"].add_metric(label, counts.holds_cancelled)
+            holds["expired"].add_metric(label, counts.holds_expired)
         yield from families.values()
+        yield from holds.values()
         mailbox = GaugeMetricFamily(
             "soldout_shard_mailbox_used", "Tickets waiting in a shard's mailbox", labels=["shard"]
         )
-        for shard, used in self._mailboxes:
-            mailbox.add_metric([str(shard)], used)
+        unavailable = GaugeMetricFamily(
+            "soldout_shard_unavailable", "1 while a shard cannot commit and answers unavailable", labels=["shard"]
+        )
+        faults = CounterMetricFamily("soldout_shard_faults", "Journal commits that failed", labels=["shard"])
+        for shard in self._shards:
+            label = [str(shard.shard)]
+            mailbox.add_metric(label, shard.mailbox_used)
+            unavailable.add_metric(label, 0 if shard.state == "serving" else 1)
+            faults.add_metric(label, shard.faults)
         yield mailbox
+        yield unavailable
+        yield faults

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import h11
 import trio
 
+from engine.listening import open_listeners
 from engine.websocket import close_gently
 
 log = logging.getLogger("soldout.metrics")
@@ -31,13 +32,22 @@ REQUEST_BYTES_MAX = 16384
 RECEIVE_BYTES = 4096
 METHODS = (b"GET", b"HEAD")
 
-# A route answers with (content type, body).
-Route = Callable[[], Awaitable[tuple[bytes, bytes]]]
+# A route answers with (HTTP status, content type, body).
+Route = Callable[[], Awaitable[tuple[int, bytes, bytes]]]
 
 
 class MetricsServer:
-    def __init__(self, routes: Mapping[str, Route], *, tokens: Sequence[str] | None, request_seconds: float) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        *,
+        tokens: Sequence[str] | None,
+        request_seconds: float,
+        public_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.routes = dict(routes)
+        # Paths that tell nothing of the sale (health checks) answer without a token.
+        self.public_paths = public_paths
         self.tokens = None if tokens is None else [token.encode() for token in tokens]
         self.request_seconds = request_seconds
         self._slots = trio.Semaphore(METRICS_CONNECTIONS_MAX)
@@ -46,7 +56,7 @@ class MetricsServer:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen on host:port; report the bound port; serve until cancelled."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(host, port, "server.metrics_port")
         try:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
@@ -92,7 +102,8 @@ class MetricsServer:
     async def _answer(self, request: h11.Request) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
         if request.method not in METHODS:
             return 405, b"text/plain", b"GET or HEAD\n", [(b"Allow", b", ".join(METHODS))]
-        if self.tokens is not None:
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        if self.tokens is not None and path not in self.public_paths:
             authorizations = [value for name, value in request.headers if name == b"authorization"]
             if len(authorizations) > 1:
                 return 400, b"text/plain", b"more than one Authorization header\n", []
@@ -103,12 +114,11 @@ class MetricsServer:
                     b"an admin token is needed\n",
                     [(b"WWW-Authenticate", b'Bearer realm="soldout"')],
                 )
-        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         route = self.routes.get(path)
         if route is None:
             return 404, b"text/plain", b"not found\n", []
-        content_type, body = await route()
-        return 200, content_type, body, []
+        status, content_type, body = await route()
+        return status, content_type, body, []
 
     def _known(self, authorization: bytes) -> bool:
         assert self.tokens is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ import trio
 from engine.api import Engine, open_engine
 from engine.descriptors import descriptors_wanted, raise_descriptor_limit
 from engine.gateway import ENDPOINT_PATH, Gateway
+from engine.health import ServerHealth
 from engine.metrics import GatewayMetrics
 from engine.metrics_http import MetricsServer
 from engine.server_config import ConfigError, ServerConfig
+from protocol.messages import UNKNOWN_SKU
 
 log = logging.getLogger("soldout.server")
 
@@ -34,6 +37,7 @@ class RunningServer:
     host: str
     port: int
     metrics_port: int | None
+    recovery_seconds: float = 0.0  # opening the engine: reading snapshots, replaying journals
 
     @property
     def url(self) -> str:
@@ -42,61 +46,108 @@ class RunningServer:
 
 
 async def put_configured_skus(engine: Engine, config: ServerConfig) -> None:
-    """Put every [[sku]] of the config (restock semantics); a refusal stops the start."""
+    """Create every [[sku]] of the config that does not exist; leave the others as journaled.
+
+    A SKU that exists keeps its settings and stock (admin changes survive a restart), and
+    the log says, one line per SKU, which of the file's values differ and were not applied;
+    with `apply_config_skus` they are applied, with restock semantics. A refusal stops the start.
+    """
     for index, sku in enumerate(config.skus):
-        reply = await engine.put_sku(
-            sku.id,
-            stock=sku.stock,
-            per_buyer_limit=sku.per_buyer_limit,
-            hold_seconds=sku.hold_seconds,
-            opens_at=sku.opens_at,
-            closes_at=sku.closes_at,
-            registration_required=sku.registration_required,
-        )
-        if reply.status != "ok":
-            raise ConfigError(f"sku[{index}] ({sku.id!r}): {reply.error or reply.status}")
+        given = sku.given()
+        current = await engine.get_sku(sku.id)
+        if current.status == UNKNOWN_SKU or config.apply_config_skus:
+            reply = await engine.put_sku(sku.id, **given)
+            if reply.status != "ok":
+                raise ConfigError(f"sku[{index}] ({sku.id!r}): {reply.error or reply.status}")
+            if current.status != UNKNOWN_SKU:
+                log.info("sku %s: the config file's settings applied (--apply-config-skus)", sku.id)
+            continue
+        if current.status != "ok":
+            raise ConfigError(f"sku[{index}] ({sku.id!r}): {current.error or current.status}")
+        differ = [
+            f"{name} {value!r} (journal: {getattr(current, name)!r})"
+            for name, value in given.items()
+            if getattr(current, name) != value
+        ]
+        if differ:
+            log.warning(
+                "sku %s exists; the config file's %s not applied (the journal keeps what was set; "
+                "--apply-config-skus applies the file)",
+                sku.id,
+                ", ".join(differ),
+            )
 
 
 @asynccontextmanager
-async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
+async def open_server(config: ServerConfig, health: ServerHealth | None = None) -> AsyncIterator[RunningServer]:
+    """Recover the engine, put the config's SKUs, serve the gateway; on exit shut down cleanly.
+
+    The metrics endpoint (with /healthz and /readyz) listens first, so that an
+    orchestrator sees the server starting (503 at /readyz) while journals are recovered.
+    """
     config.check_bind_address()
+    health = health or ServerHealth()
     metrics = GatewayMetrics()
-    async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
-        await put_configured_skus(engine, config)
-        gateway = Gateway(engine, config, metrics)
-        stopping = trio.CancelScope()
+    # A failed start (a damaged journal, a refused SKU) and the caller's own exception
+    # leave as themselves, not inside the nurseries' exception groups.
+    failure: Exception | None = None
+    async with trio.open_nursery() as beside:
+        metrics_port = None
+        if config.metrics_port is not None:
+            endpoint = MetricsServer(
+                {"/metrics": metrics.exposition, "/healthz": health.healthz, "/readyz": health.readyz},
+                tokens=config.admin_tokens if config.metrics_token_required else None,
+                request_seconds=config.limits.handshake_seconds_max,
+                public_paths=frozenset({"/healthz", "/readyz"}),
+            )
+            metrics_port = await beside.start(endpoint.serve, config.metrics_host, config.metrics_port)
+        health.metrics_port = metrics_port
+        health.listening.set()
+        try:
+            started = time.perf_counter()
+            async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
+                recovery_seconds = time.perf_counter() - started
+                await put_configured_skus(engine, config)
+                gateway = Gateway(engine, config, metrics)
+                refreshing = trio.CancelScope()
 
-        async def run_beside_the_gateway(task_status: trio.TaskStatus[int | None]) -> None:
-            """The metrics endpoint and the task that keeps its view of the engine fresh."""
-            with stopping:
+                async def refresh_metrics() -> None:
+                    with refreshing:
+                        await metrics.refresh_engine_view(engine)
+
                 async with trio.open_nursery() as nursery:
-                    metrics_port = None
-                    if config.metrics_port is not None:
-                        tokens = config.admin_tokens if config.metrics_token_required else None
-                        endpoint = MetricsServer(
-                            {"/metrics": metrics.exposition},
-                            tokens=tokens,
-                            request_seconds=config.limits.handshake_seconds_max,
-                        )
-                        metrics_port = await nursery.start(endpoint.serve, config.metrics_host, config.metrics_port)
-                    nursery.start_soon(metrics.refresh_engine_view, engine)
-                    task_status.started(metrics_port)
+                    port = await nursery.start(gateway.serve)
+                    nursery.start_soon(refresh_metrics)
+                    health.serving(engine)
+                    try:
+                        yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port, recovery_seconds)
+                    except Exception as error:
+                        failure = error
+                    finally:
+                        # The gateway ends by itself once in-flight frames are answered.
+                        health.stopping()
+                        gateway.shutdown()
+                        refreshing.cancel()
+        except Exception as error:
+            failure = failure or error
+        beside.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
-        body_error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(gateway.serve)
-            metrics_port = await nursery.start(run_beside_the_gateway)
-            try:
-                yield RunningServer(engine, gateway, metrics, config.host, port, metrics_port)
-            except Exception as error:
-                body_error = error
-            finally:
-                # The gateway ends by itself once in-flight frames are answered.
-                gateway.shutdown()
-                stopping.cancel()
-        if body_error is not None:
-            # The caller's own exception leaves as itself, not inside the nursery's group.
-            raise body_error
+
+def startup_summary(config: ServerConfig, server: RunningServer) -> str:
+    """One line: shards, memory-only or durable, data directory, SKUs, holds recovered, replay time."""
+    engine = config.engine
+    if engine.data_dir is None:
+        storage = "memory only"
+    else:
+        storage = f"{'durable' if engine.durable else 'journaled without fsync'}, data directory {engine.data_dir}"
+    statistics = server.engine.statistics()
+    skus = sum(shard.skus for shard in statistics.shards)
+    return (
+        f"soldout: {engine.shards} shards, {storage}, {skus:,} SKUs, {statistics.holds:,} holds recovered "
+        f"in {server.recovery_seconds:.2f} s"
+    )
 
 
 def metrics_exposure(config: ServerConfig, port: int) -> str:
@@ -131,6 +182,7 @@ async def serve(config: ServerConfig, *, announce: bool = True) -> None:
             # every future collection.
             gc.freeze()
             if announce:
+                print(startup_summary(config, server), flush=True)
                 print(f"soldout serving {server.url}", flush=True)
                 if server.metrics_port is not None:
                     print(metrics_exposure(config, server.metrics_port), flush=True)

@@ -6,13 +6,17 @@ a `ConfigError` that names the key (`sku[2].stock`, `limits.frame_bytes_max`).
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.config import EngineConfig
 from protocol.limits import Limits
+from protocol.messages import UNCHANGED, Unchanged
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -25,13 +29,21 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SkuSettings:
+    """A [[sku]] of the config file. A setting the file leaves out is UNCHANGED: a SKU the
+    file creates takes the default, and --apply-config-skus leaves it as it is."""
+
     id: str
     stock: int
-    per_buyer_limit: int = 1
-    hold_seconds: float = 900
-    opens_at: float | None = None
-    closes_at: float | None = None
-    registration_required: bool = False
+    per_buyer_limit: int | Unchanged = UNCHANGED
+    hold_seconds: float | Unchanged = UNCHANGED
+    opens_at: float | Unchanged | None = UNCHANGED
+    closes_at: float | Unchanged | None = UNCHANGED
+    registration_required: bool | Unchanged = UNCHANGED
+
+    def given(self) -> dict[str, Any]:
+        """The settings the file gives (stock always), as put_sku keyword arguments."""
+        names = ("stock", "per_buyer_limit", "hold_seconds", "opens_at", "closes_at", "registration_required")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not UNCHANGED}
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,9 @@ class ServerConfig:
     frontend_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
     skus: tuple[SkuSettings, ...] = ()
+    # The journal is the truth: a [[sku]] that exists keeps its journaled settings and
+    # stock unless this asks for the file's values (soldout serve --apply-config-skus).
+    apply_config_skus: bool = False
     # How long a shutdown waits for in-flight requests before closing connections anyway.
     shutdown_grace_seconds: float = 10.0
 
@@ -100,10 +115,12 @@ def load_server_config(path: str) -> ServerConfig:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-    return parse_server_config(document)
+    return parse_server_config(document, base_directory=os.path.dirname(os.path.abspath(path)))
 
 
-def parse_server_config(document: dict[str, Any]) -> ServerConfig:
+def parse_server_config(document: dict[str, Any], *, base_directory: str | None = None) -> ServerConfig:
+    """The config in `document`; a relative data_dir is taken relative to `base_directory`
+    (the config file's directory), so a server reads the same data wherever it starts."""
     _no_unknown_keys(document, _SECTIONS, "")
     server = _table(document, "server")
     engine = _table(document, "engine")
@@ -142,6 +159,8 @@ def parse_server_config(document: dict[str, Any]) -> ServerConfig:
     data_dir = _get(engine, "engine.data_dir", str, None)
     if data_dir == "":
         raise ConfigError("engine.data_dir must not be empty (omit it for memory only)")
+    if data_dir is not None and base_directory is not None:
+        data_dir = os.path.join(base_directory, os.path.expanduser(data_dir))
     durable = _get(engine, "engine.durable", bool, True)
     snapshot_records_min = _get(engine, "engine.snapshot_records_min", int, 100_000)
     if snapshot_records_min < 1:
@@ -244,6 +263,21 @@ def _tokens(auth: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _time(entry: dict[str, Any], name: str) -> float | Unchanged:
+    """Epoch seconds, or a TOML date-time with an offset (opens_at = 2026-12-01T04:30:00+05:30)."""
+    key = name.rsplit(".", 1)[-1]
+    if key not in entry:
+        return UNCHANGED
+    value = entry[key]
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ConfigError(f"{name} needs a UTC offset, such as 2026-12-01T04:30:00+05:30 or ...Z")
+        return value.timestamp()
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be epoch seconds or a date-time with an offset, got {value!r}")
+    return float(value)
+
+
 def _skus(entries: Any, limits: Limits) -> tuple[SkuSettings, ...]:
     if not isinstance(entries, list):
         raise ConfigError("sku must be an array of tables ([[sku]])")
@@ -267,17 +301,17 @@ def _skus(entries: Any, limits: Limits) -> tuple[SkuSettings, ...]:
         stock = _get(entry, f"{prefix}.stock", int, 0)
         if not 0 <= stock <= limits.stock_max:
             raise ConfigError(f"{prefix}.stock must be from 0 to {limits.stock_max}, got {stock}")
-        per_buyer_limit = _get(entry, f"{prefix}.per_buyer_limit", int, 1)
-        if per_buyer_limit < 1:
-            raise ConfigError(f"{prefix}.per_buyer_limit must be at least 1")
-        hold_seconds = _get(entry, f"{prefix}.hold_seconds", (int, float), 900)
-        if hold_seconds <= 0:
+        per_buyer_limit = _get(entry, f"{prefix}.per_buyer_limit", int, UNCHANGED)
+        if per_buyer_limit is not UNCHANGED and not 1 <= per_buyer_limit <= limits.stock_max:
+            raise ConfigError(f"{prefix}.per_buyer_limit must be from 1 to {limits.stock_max}")
+        hold_seconds = _get(entry, f"{prefix}.hold_seconds", (int, float), UNCHANGED)
+        if hold_seconds is not UNCHANGED and hold_seconds <= 0:
             raise ConfigError(f"{prefix}.hold_seconds must be above 0")
-        opens_at = _get(entry, f"{prefix}.opens_at", (int, float), None)
-        closes_at = _get(entry, f"{prefix}.closes_at", (int, float), None)
-        if opens_at is not None and closes_at is not None and closes_at <= opens_at:
+        opens_at = _time(entry, f"{prefix}.opens_at")
+        closes_at = _time(entry, f"{prefix}.closes_at")
+        if opens_at is not UNCHANGED and closes_at is not UNCHANGED and closes_at <= opens_at:
             raise ConfigError(f"{prefix}.closes_at must be after {prefix}.opens_at")
-        registration_required = _get(entry, f"{prefix}.registration_required", bool, False)
+        registration_required = _get(entry, f"{prefix}.registration_required", bool, UNCHANGED)
         skus.append(
             SkuSettings(sku_id, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
         )

@@ -266,7 +266,8 @@ async def test_metrics_answer_only_their_path_and_only_get_and_head() -> None:
     async with open_server(server_config(metrics_port=0)) as server:
         port = server.metrics_port
         assert port is not None
-        assert (await http_get(port, "/healthz"))[0] == 404
+        assert (await http_get(port, "/healthz"))[0] == 200
+        assert (await http_get(port, "/nothing"))[0] == 404
         assert (await http_get(port, "/"))[0] == 404
         assert (await http_get(port, "/metrics", method="POST"))[0] == 405
         assert await http_get(port, "/metrics", method="HEAD") == (200, b"")

@@ -216,7 +216,7 @@ def test_flags_are_checked_as_the_file_is() -> None:
 def test_a_file_is_read_and_a_missing_or_broken_one_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "sale.toml"
     path.write_text(EXAMPLE)
-    assert load_server_config(str(path)) == parse_server_config(tomllib.loads(EXAMPLE))
+    assert load_server_config(str(path)) == parse_server_config(tomllib.loads(EXAMPLE), base_directory=str(tmp_path))
     with pytest.raises(ConfigError, match="does not exist"):
         load_server_config(str(tmp_path / "missing.toml"))
     path.write_text("[server\nport = 1\n")
@@ -254,3 +254,14 @@ def test_soldout_serve_stops_on_a_missing_file_and_on_an_open_host_flag(
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--metrics-port", "0"]) == 2
     assert capsys.readouterr().err.startswith("soldout: config error: server.host")
+
+
+def test_a_sku_time_may_be_a_toml_date_time_with_an_offset() -> None:
+    document = tomllib.loads('[[sku]]\nid = "A"\nstock = 5\nopens_at = 2026-12-01T04:30:00+05:30\ncloses_at = 1796083200\n')
+    (sku,) = parse_server_config(document).skus
+    assert (sku.opens_at, sku.closes_at) == (1796079600.0, 1796083200.0)
+    # Only the keys the file gives are applied to a SKU that exists.
+    assert sku.given() == {"stock": 5, "opens_at": 1796079600.0, "closes_at": 1796083200.0}
+    naive = tomllib.loads('[[sku]]\nid = "A"\nstock = 5\nopens_at = 2026-12-01T04:30:00\n')
+    with pytest.raises(ConfigError, match=r"sku\[0\]\.opens_at needs a UTC offset"):
+        parse_server_config(naive)

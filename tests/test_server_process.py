@@ -159,23 +159,55 @@ async def test_a_bad_config_file_stops_the_start_naming_the_key(tmp_path: Path) 
     assert b"soldout serving" not in finished.stdout
 
 
-async def test_a_sku_whose_stock_is_below_held_and_sold_stops_the_restart(tmp_path: Path) -> None:
+async def test_a_restart_keeps_the_journaled_sku_and_says_which_file_values_it_did_not_apply(
+    tmp_path: Path,
+) -> None:
+    """The bug: with a [[sku]] in the config, a restart put the file's settings again and
+    undid what an admin had changed. The journal is the truth now."""
+    config = sale_config(tmp_path, stock=10)
+    async with run_server_process(["--config", config], tmp_path / "stderr.txt") as server:
+        async with open_raw(server.url, ADMIN_TOKEN) as websocket:
+            replies = await exchange(websocket, [reserve_map(index, SKU, f"u{index}") for index in range(5)])
+            assert [reply["status"] for reply in replies] == ["ok"] * 5
+            # An admin restocks and makes the sale registration-only.
+            change = {"id": 9, "op": "put_sku", "sku": SKU, "stock": 40, "registration_required": True}
+            assert (await exchange(websocket, change))["status"] == "ok"
+        assert await stop_with_signal(server) == 0
+    async with run_server_process(["--config", config], tmp_path / "restart.txt") as server:
+        assert await wire_counts(server.url, SKU, ADMIN_TOKEN) == (40, 35, 5, 0)
+        async with open_raw(server.url, FRONTEND_TOKEN) as websocket:
+            stranger = await exchange(websocket, reserve_map(20, SKU, "stranger"))
+            assert stranger["status"] == "not_registered"
+        assert await stop_with_signal(server) == 0
+    logged = (tmp_path / "restart.txt").read_text()
+    (line,) = [line for line in logged.splitlines() if "not applied" in line]
+    assert SKU in line
+    assert "stock 10 (journal: 40)" in line
+
+
+async def test_apply_config_skus_applies_the_file_and_a_stock_below_held_and_sold_stops_the_start(
+    tmp_path: Path,
+) -> None:
     config = sale_config(tmp_path, stock=10)
     async with run_server_process(["--config", config], tmp_path / "stderr.txt") as server:
         async with open_raw(server.url, FRONTEND_TOKEN) as websocket:
             replies = await exchange(websocket, [reserve_map(index, SKU, f"u{index}") for index in range(5)])
             assert [reply["status"] for reply in replies] == ["ok"] * 5
         assert await stop_with_signal(server) == 0
+    raised = sale_config(tmp_path, stock=12, name="raised.toml")
+    async with run_server_process(["--config", raised, "--apply-config-skus"], tmp_path / "applied.txt") as server:
+        assert await wire_counts(server.url, SKU, ADMIN_TOKEN) == (12, 7, 5, 0)
+        assert await stop_with_signal(server) == 0
     lowered = sale_config(tmp_path, stock=3, name="lowered.toml")
-    finished = await run_soldout("serve", "--config", lowered)
+    finished = await run_soldout("serve", "--config", lowered, "--apply-config-skus")
     stderr = finished.stderr.decode()
     assert finished.returncode != 0
     assert b"soldout serving" not in finished.stdout
     assert "sku[0]" in stderr
     assert "below" in stderr
-    # Nothing was changed: the old stock still stands.
+    # Nothing was changed: the stock applied before still stands.
     async with run_server_process(["--config", config], tmp_path / "stderr.txt") as server:
-        assert await wire_counts(server.url, SKU, ADMIN_TOKEN) == (10, 5, 5, 0)
+        assert await wire_counts(server.url, SKU, ADMIN_TOKEN) == (12, 7, 5, 0)
         assert await stop_with_signal(server) == 0
     # Stopped as any other config error is: with a message and exit code 2, not a crash.
     assert "Traceback" not in stderr, stderr
