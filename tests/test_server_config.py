@@ -257,7 +257,8 @@ def test_soldout_serve_stops_on_a_missing_file_and_on_an_open_host_flag(
 
 
 def test_a_sku_time_may_be_a_toml_date_time_with_an_offset() -> None:
-    document = tomllib.loads('[[sku]]\nid = "A"\nstock = 5\nopens_at = 2026-12-01T04:30:00+05:30\ncloses_at = 1796083200\n')
+    text = '[[sku]]\nid = "A"\nstock = 5\nopens_at = 2026-12-01T04:30:00+05:30\ncloses_at = 1796083200\n'
+    document = tomllib.loads(text)
     (sku,) = parse_server_config(document).skus
     assert (sku.opens_at, sku.closes_at) == (1796079600.0, 1796083200.0)
     # Only the keys the file gives are applied to a SKU that exists.
