@@ -367,5 +367,8 @@ def test_every_flag_of_every_subcommand_has_a_help_text() -> None:
             elif not isinstance(action, argparse._HelpAction) and not action.help:
                 missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
 
+    from bench.flash import build_parser as build_bench_parser
+
     walk(build_parser(), "soldout")
+    walk(build_bench_parser(), "soldout bench")
     assert missing == []
