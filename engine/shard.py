@@ -284,8 +284,8 @@ class Shard:
                 try:
                     book = await trio.to_thread.run_sync(store.restart_from_disk)
                 except DISK_FAULTS as error:
-                    log.warning("shard %d: journal still unavailable (%s); next try in %.1fs", self.index, error, delay)
                     delay = min(delay * 2, RETRY_SECONDS_MAX)
+                    log.warning("shard %d: journal still unavailable (%s); next try in %.1fs", self.index, error, delay)
                     continue
                 self.book = book
                 self.fault = None
