@@ -11,11 +11,28 @@ from engine.api import Engine, EngineClosed, EngineStatistics, SkuCounts, open_e
 from engine.book import Book, InvariantViolation
 from engine.config import EngineConfig
 from engine.journal import JournalCorrupt
+from engine.manifest import MissingFile
 from engine.store import DataDirError
 from protocol.limits import Limits
-from protocol.messages import Cancel, Confirm, PutSku, Register, Reply, Reserve, Stock, StockReply
+from protocol.messages import (
+    UNCHANGED,
+    Cancel,
+    Confirm,
+    GetHold,
+    GetSku,
+    HoldReply,
+    PutSku,
+    Register,
+    RegisterReply,
+    Reply,
+    Reserve,
+    SkuReply,
+    Stock,
+    StockReply,
+)
 
 __all__ = [
+    "UNCHANGED",
     "Book",
     "Cancel",
     "Confirm",
@@ -24,14 +41,20 @@ __all__ = [
     "EngineClosed",
     "EngineConfig",
     "EngineStatistics",
+    "GetHold",
+    "GetSku",
+    "HoldReply",
     "InvariantViolation",
     "JournalCorrupt",
     "Limits",
+    "MissingFile",
     "PutSku",
     "Register",
+    "RegisterReply",
     "Reply",
     "Reserve",
     "SkuCounts",
+    "SkuReply",
     "Stock",
     "StockReply",
     "open_engine",

@@ -310,7 +310,7 @@ async def open_engine(
     mailboxes close, each shard finishes what was handed to it, and the journals close.
     """
     config = config or EngineConfig()
-    data_dir = DataDir(config.data_dir, config.shards) if config.data_dir is not None else None
+    data_dir = DataDir(config.data_dir, config.shards, config.limits) if config.data_dir is not None else None
     stores: list[ShardStore | None] = [
         ShardStore(data_dir.shard_directory(index), index, config.durable, config.limits) if data_dir else None
         for index in range(config.shards)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from engine.book import HOLD_STATE_NAMES, Book, Hold, format_reservation
 from engine.journal import JournalCorrupt
 from engine.manifest import DataDirError
-from engine.store import DataDir, read_meta_shards, rebuild_book
+from engine.store import LEGACY_FORMAT_VERSION, DataDir, legacy_manifest, read_meta, rebuild_book
 from protocol.limits import Limits
 
 # A running server may replace a snapshot between listing and reading it: try again.
@@ -27,13 +27,15 @@ READ_ATTEMPTS = 5
 
 def load_books(data_dir: str, limits: Limits | None = None) -> list[Book]:
     limits = limits or Limits()
-    shards = read_meta_shards(data_dir)
+    version, shards = read_meta(data_dir)
     books = []
     for shard in range(shards):
         directory = f"{data_dir}/shard-{shard}"
         for attempt in range(READ_ATTEMPTS):
             try:
-                books.append(rebuild_book(directory, shard, limits).book)
+                # A format 1 directory (no manifests) is read as it is, not upgraded.
+                manifest = legacy_manifest(directory, shard) if version == LEGACY_FORMAT_VERSION else None
+                books.append(rebuild_book(directory, shard, limits, manifest).book)
                 break
             except (FileNotFoundError, JournalCorrupt, DataDirError):
                 if attempt == READ_ATTEMPTS - 1:

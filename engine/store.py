@@ -34,11 +34,11 @@ from engine.book import Book, Record
 from engine.checked_file import TEMPORARY_SUFFIX, read_checked_file, write_checked_file
 from engine.journal import (
     SEGMENT_HEADER_BYTES,
+    SEGMENT_MAGIC,
     JournalCorrupt,
     JournalWriter,
     encode_entry,
     fsync_directory,
-    parse_legacy_entries,
     read_entries,
     truncate,
 )
@@ -88,8 +88,9 @@ def _numbered(directory: str, pattern: re.Pattern[str]) -> list[int]:
 class DataDir:
     """Holds a data directory open for one engine: its lock, its shard count, its format."""
 
-    def __init__(self, path: str, shards: int) -> None:
+    def __init__(self, path: str, shards: int, limits: Limits | None = None) -> None:
         self.path = path
+        self.limits = limits or Limits()
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -140,7 +141,7 @@ class DataDir:
         for shard in range(shards):
             directory = self.shard_directory(shard)
             os.makedirs(directory, exist_ok=True)
-            _upgrade_shard(directory, shard)
+            _upgrade_shard(directory, shard, self.limits)
         _write_meta(self.path, shards)
         log.info("data directory %s upgraded to format %d", self.path, FORMAT_VERSION)
 
@@ -210,39 +211,50 @@ def _refuse_if_it_holds_data(directory: str) -> None:
             )
 
 
-def _upgrade_shard(directory: str, shard: int) -> None:
-    snapshots = _numbered(directory, _SNAPSHOT)
+def legacy_manifest(directory: str, shard: int) -> Manifest:
+    """The manifest a format 1 shard directory would have: its newest snapshot and the
+    segments from it on, the last one being written. Read from the files, written nowhere."""
+    snapshots = _numbered(directory, _SNAPSHOT) if os.path.isdir(directory) else []
     first = snapshots[-1] if snapshots else 0
-    if snapshots:
-        _read_snapshot(snapshot_path(directory, first), shard)
-    numbers = [number for number in _numbered(directory, _SEGMENT) if number >= first]
+    numbers = [n for n in _numbered(directory, _SEGMENT) if n >= first] if os.path.isdir(directory) else []
     if numbers and numbers != list(range(first, first + len(numbers))):
         raise DataDirError(f"shard {shard}: journal segments {numbers} of {directory} are not consecutive")
-    if not numbers and snapshots:
+    if not numbers:
         raise MissingFile(segment_path(directory, first), f"journal segment {first} of shard {shard}")
-    segments = []
-    for position, number in enumerate(numbers):
-        path = segment_path(directory, number)
-        with open(path, "rb") as file:
-            result = parse_legacy_entries(path, file.read())
-        if result.torn_bytes:
-            if position != len(numbers) - 1:
-                raise JournalCorrupt(path, result.valid_bytes, "torn entry in a segment that is not the last")
-            log.warning(
-                "journal %s: cutting off a torn tail of %d bytes at offset %d",
-                path,
-                result.torn_bytes,
-                result.valid_bytes,
-            )
-            truncate(path, result.valid_bytes)
-        segments.append(SegmentEntry(number, 1, result.valid_bytes))
-    active = numbers[-1] + 1 if numbers else first
-    path = segment_path(directory, active)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)  # an interrupted upgrade's empty segment
-    JournalWriter.create(path, True, shard, active).close()
-    segments.append(SegmentEntry(active, 2, None))
-    write_manifest(directory, Manifest(shard, first if snapshots else None, tuple(segments), SEGMENT_HEADER_BYTES))
+    segments = [SegmentEntry(number, 1, os.path.getsize(segment_path(directory, number))) for number in numbers]
+    segments[-1] = SegmentEntry(numbers[-1], 1, None)
+    return Manifest(shard, first if snapshots else None, tuple(segments), 0)
+
+
+def _upgrade_shard(directory: str, shard: int, limits: Limits) -> None:
+    """Check a format 1 shard as format 1 did, cut its torn tail, seal it, begin a format 2 segment."""
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        match = _SEGMENT.match(name)
+        path = os.path.join(directory, name)
+        if match and _starts_format_2(path):
+            os.remove(path)  # the empty first segment of an upgrade that was cut short
+    if not _numbered(directory, _SNAPSHOT) and not _numbered(directory, _SEGMENT):
+        with open(segment_path(directory, 0), "ab"):
+            pass  # a shard format 1 never wrote to: its first segment, empty
+    manifest = legacy_manifest(directory, shard)
+    rebuilt = rebuild_book(directory, shard, limits, manifest)
+    if rebuilt.torn_path is not None:
+        log.warning(
+            "journal %s: cutting off a torn tail of %d bytes at offset %d",
+            rebuilt.torn_path,
+            rebuilt.torn_bytes,
+            rebuilt.torn_offset,
+        )
+        truncate(rebuilt.torn_path, rebuilt.torn_offset)
+    active = manifest.active.number + 1
+    JournalWriter.create(segment_path(directory, active), True, shard, active).close()
+    write_manifest(directory, manifest.with_new_segment(rebuilt.active_bytes, active, SEGMENT_HEADER_BYTES))
+
+
+def _starts_format_2(path: str) -> bool:
+    with open(path, "rb") as file:
+        return file.read(len(SEGMENT_MAGIC)) == SEGMENT_MAGIC
 
 
 # ------------------------------------------------------------------ snapshots
@@ -277,7 +289,7 @@ class RebuiltBook:
     torn_bytes: int = 0
 
 
-def rebuild_book(directory: str, shard: int, limits: Limits) -> RebuiltBook:
+def rebuild_book(directory: str, shard: int, limits: Limits, manifest: Manifest | None = None) -> RebuiltBook:
     """Read a shard's manifest, snapshot and journal into a book, changing no file.
 
     Every file the manifest names must be there, as long as it says; only the active
@@ -285,7 +297,7 @@ def rebuild_book(directory: str, shard: int, limits: Limits) -> RebuiltBook:
     Used by recovery (which then cuts the torn tail) and by `soldout export`, which may
     read the files of a running server: its torn tail is a commit in progress.
     """
-    manifest = read_manifest(directory, shard)
+    manifest = manifest or read_manifest(directory, shard)
     if manifest.snapshot is None:
         book = Book(shard, limits)
     else:
@@ -306,7 +318,9 @@ def rebuild_book(directory: str, shard: int, limits: Limits) -> RebuiltBook:
         size = result.valid_bytes + result.torn_bytes
         if segment.bytes is not None:
             # A sealed segment: written to the end before the next one began.
-            if size != segment.bytes or result.torn_bytes:
+            if result.torn_bytes:
+                raise JournalCorrupt(path, result.valid_bytes, "torn entry in a segment that is not the last")
+            if size != segment.bytes:
                 reason = f"the segment has {size} bytes, not the {segment.bytes} it was sealed with"
                 raise JournalCorrupt(path, min(size, segment.bytes), reason)
         else:

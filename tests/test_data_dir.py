@@ -363,3 +363,18 @@ async def test_a_torn_tail_after_a_crash_is_still_cut_off(tmp_path: Path, mock_c
     path = segment(tmp_path)
     os.truncate(path, len(path.read_bytes()) - 2)
     assert await held_units(config) == 2
+
+
+def test_export_reads_a_format_1_directory_as_it_is_without_upgrading_it(tmp_path: Path) -> None:
+    import io
+
+    from engine.export import export
+
+    path = write_format_1_directory(tmp_path, format_1_entries(5), torn=b"SJ\x00")
+    before = snapshot_of_files(tmp_path)
+    output = io.StringIO()
+    assert export(str(tmp_path), output) == 5
+    assert snapshot_of_files(tmp_path) == before
+    assert json.loads((tmp_path / "soldout.json").read_text())["format"] == 1
+    assert not (tmp_path / "shard-0" / "manifest").exists()
+    assert path.read_bytes().endswith(b"SJ\x00")
