@@ -51,8 +51,9 @@ OUTBOX_FRAMES_MAX = 64
 # trio-websocket's queue of received messages: none beyond the one it hands over, so a
 # connection whose reader waits for room holds at most two frames outside the bounds.
 MESSAGE_QUEUE_FRAMES = 0
-# While shutting down, a peer gets this long to answer the close frame: the grace is
-# for answering requests in flight, not for waiting on peers.
+# While shutting down, a peer gets this long to answer the close frame (the grace is
+# for answering requests in flight, not for waiting on peers), and once the last
+# connection has closed the listener answers 503 this long more.
 SHUTDOWN_CLOSE_SECONDS = 0.25
 # accept() failing for want of resources is retried after this long (as trio's own
 # serve_listeners does); the descriptor budget should make it rare.
@@ -134,6 +135,7 @@ class Gateway:
                     sockets.start_soon(self._accept, listener, sockets)
                 task_status.started(listeners[0].socket.getsockname()[1])
                 await self._stopping.wait()
+                closing = len(self._readers)
                 for scope in list(self._readers):
                     scope.cancel()
                 # Connections answer what is in flight and close; meanwhile handshakes
@@ -141,6 +143,10 @@ class Gateway:
                 with trio.move_on_after(self.config.shutdown_grace_seconds):
                     while self._connections:
                         await self._connection_ended.park()
+                if closing:
+                    # A client told 1001 reconnects at once: let it hear 503, not a reset
+                    # from a listener closing under it.
+                    await trio.sleep(SHUTDOWN_CLOSE_SECONDS)
                 sockets.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -54,6 +54,8 @@ class ServerWebSocket(WebSocketConnection):
         """The connection's reader task (trio-websocket's), telling when it ends."""
         try:
             await self._reader_task()
+        except ConnectionClosed:
+            pass  # the peer went while trio-websocket answered its bad request with a 400
         finally:
             self._request_or_end.set()
 

@@ -70,6 +70,31 @@ def test_an_empty_file_gives_the_defaults() -> None:
         10_000,
     )
     assert (defaults.string_bytes_max, defaults.connections_max) == (256, 10_000)
+    assert (defaults.handshake_seconds_max, defaults.handshakes_max) == (5, 1000)
+    # A connection's share of the server's bytes in flight: sixteen that never read fill it.
+    assert (defaults.server_inflight_bytes_max, defaults.inflight_bytes_max) == (256 * 2**20, 16 * 2**20)
+    assert config.metrics_host == "127.0.0.1"
+    assert not config.metrics_token_required
+
+
+def test_a_connections_bytes_in_flight_follow_the_servers_unless_set() -> None:
+    follows = parse_server_config({"limits": {"server_inflight_bytes_max": 32 * 2**20}}).limits
+    assert follows.inflight_bytes_max == 2 * 2**20
+    both = {"server_inflight_bytes_max": 32 * 2**20, "inflight_bytes_max": 8 * 2**20}
+    assert parse_server_config({"limits": both}).limits.inflight_bytes_max == 8 * 2**20
+
+
+def test_metrics_beyond_loopback_need_an_admin_token() -> None:
+    elsewhere = {"server": {"metrics_host": "0.0.0.0"}}
+    config = parse_server_config({**elsewhere, **TOKENS})
+    assert (config.metrics_host, config.metrics_token_required) == ("0.0.0.0", True)
+    # Without a port there is nothing to guard.
+    portless = parse_server_config({"server": {"metrics_host": "0.0.0.0", "metrics_port": False}})
+    assert not portless.metrics_token_required
+    with pytest.raises(ConfigError, match=r"server\.metrics_host"):
+        parse_server_config(elsewhere)
+    with pytest.raises(ConfigError, match=r"auth\.admin_tokens is empty"):
+        parse_server_config({**elsewhere, "auth": {"frontend_tokens": ["front"]}})
 
 
 def test_the_limits_table_sets_every_bound() -> None:
@@ -167,6 +192,19 @@ BAD_SETTINGS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("second sku wrong", {"sku": [{"id": "A", "stock": 1}, {"id": "B", "stock": 1.5}]}, "sku[1].stock"),
     ("open on every interface", {"server": {"host": "0.0.0.0"}}, "server.host"),
+    ("metrics host as number", {"server": {"metrics_host": 1}}, "server.metrics_host"),
+    (
+        "in flight below a batch",
+        {"limits": {"inflight_requests_max": 999}},
+        "limits.inflight_requests_max (999) is below limits.batch_requests_max (1000)",
+    ),
+    (
+        "a connection's bytes over the server's",
+        {"limits": {"inflight_bytes_max": 2048, "server_inflight_bytes_max": 1024}},
+        "limits.inflight_bytes_max",
+    ),
+    ("no handshake time", {"limits": {"handshake_seconds_max": 0}}, "limits.handshake_seconds_max"),
+    ("no handshakes", {"limits": {"handshakes_max": 0}}, "limits.handshakes_max"),
 ]
 
 
@@ -231,6 +269,11 @@ def test_a_file_is_read_and_a_missing_or_broken_one_is_refused(tmp_path: Path) -
         pytest.param('[engine]\nshards = "8"\n', "engine.shards", id="wrong-type"),
         pytest.param('[[sku]]\nid = "A"\nstock = "lots"\n', "sku[0].stock", id="sku-wrong-type"),
         pytest.param("[limits]\nframe_bytes_max = 0\n", "limits.frame_bytes_max", id="limit-value"),
+        pytest.param(
+            "[limits]\ninflight_requests_max = 10\nbatch_requests_max = 100\n",
+            "limits.inflight_requests_max",
+            id="inflight-below-batch",
+        ),
         pytest.param('[server]\nhost = "0.0.0.0"\n', "server.host", id="open-on-all-interfaces"),
         pytest.param("[server\nport = 1\n", "not valid TOML", id="not-toml"),
     ],
