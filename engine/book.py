@@ -665,13 +665,16 @@ class Book:
         holds = book.holds
         heap = book._expiry_heap
         for entry in data["holds"]:
-            # Snapshots written before orders were linked to holds have nine fields.
-            number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key = entry[:9]
+            if len(entry) == 10:
+                number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key, order = entry
+            else:  # a snapshot written before orders were linked to holds: nine fields
+                number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key = entry
+                order = None
             state = skus[sku]
             hold = holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
             hold.state = hold_state
             hold.ended_at = ended_at
-            hold.order = entry[9] if len(entry) > 9 else None
+            hold.order = order
             if key is not None:
                 state.keys[key] = number
             if hold_state == HELD:
