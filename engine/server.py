@@ -64,6 +64,8 @@ async def open_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
         await put_configured_skus(engine, config)
         gateway = Gateway(engine, config, metrics)
+        # Before any nursery, so that a limit too low stops the start as a config error does.
+        gateway.budget_sockets()
         stopping = trio.CancelScope()
 
         async def run_beside_the_gateway(task_status: trio.TaskStatus[int | None]) -> None:
