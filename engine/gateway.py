@@ -4,13 +4,15 @@ It accepts a TCP connection only while it has room for it: a handshake slot
 (`handshakes_max`, held until the connection is admitted or closed) and a descriptor
 outside the reserve kept for journals and snapshots (engine/descriptors.py); the rest
 wait in the kernel's listen queue. A connection gets `handshake_seconds_max` to send
-its upgrade request, and frees its descriptor at once if it hangs up first. The gateway authenticates the request, then gives each connection
-one reader (the only code that takes frames off the socket) and one writer (the only
-code that puts replies on it). Each frame's requests go to the engine's batch entry
-point, which groups them by shard; replies are queued to the writer as they complete,
-so frames may be answered out of order. A connection over its in-flight bound is
-answered `busy` without queueing. Bytes in flight are bounded per connection and for the
-server (engine/inflight.py): a peer that does not read stops only its own reader.
+its upgrade request, and frees its descriptor at once if it hangs up first.
+
+The gateway authenticates the request, then gives each connection one reader (the only
+code that takes frames off the socket) and one writer (the only code that puts replies
+on it). Each frame's requests go to the engine's batch entry point, which groups them
+by shard; replies are queued to the writer as they complete, so frames may be answered
+out of order. A connection over its in-flight bound is answered `busy` without
+queueing. Bytes in flight are bounded per connection and for the server
+(engine/inflight.py): a peer that does not read stops only its own reader.
 
 Shutting down: stop reading, answer what is in flight (for at most the grace), close each
 connection with 1001; until then new handshakes are answered 503, then the listener closes.
