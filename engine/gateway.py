@@ -1,16 +1,18 @@
 """The gateway: soldout's websocket server (protocol v1, see protocol/SPEC.md).
 
 It accepts a TCP connection only while it has room for it: a handshake slot
-(`handshakes_max`) and a descriptor outside the reserve kept for journals and snapshots
-(engine/descriptors.py); the rest wait in the kernel's listen queue. A connection gets
-`handshake_seconds_max` to send its upgrade request, and frees its descriptor at once
-if it hangs up first. The gateway authenticates the request, then gives each connection
-one reader (the only code that takes frames off the socket) and one writer (the only
-code that puts replies on it). Each frame's requests go to the engine's batch entry
-point, which groups them by shard; replies are queued to the writer as they complete,
-so frames may be answered out of order. A connection over its in-flight bound is
-answered `busy` without queueing. Bytes in flight are bounded per connection and for the
-server (engine/inflight.py): a peer that does not read stops only its own reader.
+(`handshakes_max`, held until the connection is admitted or closed) and a descriptor
+outside the reserve kept for journals and snapshots (engine/descriptors.py); the rest
+wait in the kernel's listen queue. A connection gets `handshake_seconds_max` to send
+its upgrade request, and frees its descriptor at once if it hangs up first.
+
+The gateway authenticates the request, then gives each connection one reader (the only
+code that takes frames off the socket) and one writer (the only code that puts replies
+on it). Each frame's requests go to the engine's batch entry point, which groups them
+by shard; replies are queued to the writer as they complete, so frames may be answered
+out of order. A connection over its in-flight bound is answered `busy` without
+queueing. Bytes in flight are bounded per connection and for the server
+(engine/inflight.py): a peer that does not read stops only its own reader.
 
 Shutting down: stop reading, answer what is in flight (for at most the grace), close each
 connection with 1001; until then new handshakes are answered 503, then the listener closes.
@@ -73,7 +75,7 @@ ADMIN = Role(frontend=True, admin=True)
 
 @dataclass(frozen=True, slots=True)
 class GatewayStatistics:
-    handshakes: int  # sockets whose upgrade request has not been read yet
+    handshakes: int  # sockets not (yet) admitted as connections: waiting, or being refused
     connections: int  # websocket connections, counted against connections_max
     sockets: int  # every socket held, in any phase
     sockets_max: int  # what the descriptor budget and the bounds allow
@@ -126,9 +128,10 @@ class Gateway:
             log.warning(
                 "no tokens configured: every connection gets both roles; bound to loopback %s", self.config.host
             )
+        if not self._sockets_max:
+            self.budget_sockets()
         listeners = await open_listeners(self.config.host, self.config.port, "server.port")
         try:
-            self._budget_sockets()
             async with trio.open_nursery() as sockets:
                 sockets.start_soon(self.memory.run)
                 for listener in listeners:
@@ -153,7 +156,11 @@ class Gateway:
                 for listener in listeners:
                     await listener.aclose()
 
-    def _budget_sockets(self) -> None:
+    def budget_sockets(self) -> None:
+        """Size the socket bound from the descriptors free now (call it with the engine open).
+
+        Raises DescriptorLimitTooLow (a ConfigError) when too few are left.
+        """
         budget = socket_budget(self.config.engine.shards)
         wanted = self.limits.connections_max + self.limits.handshakes_max
         self._sockets_max = min(wanted, budget.sockets_max)
@@ -194,7 +201,7 @@ class Gateway:
 
     async def _serve_socket(self, stream: trio.SocketStream) -> None:
         """One socket from accept to close: its handshake, its connection, its descriptor."""
-        handshaking = True
+        handshake = _Handshake(self)
         request = None
         try:
             websocket = ServerWebSocket(
@@ -205,33 +212,27 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(websocket.read)
                 request = await websocket.wait_for_request(self.limits.handshake_seconds_max)
-                handshaking = False
-                self._end_handshake()
                 if request is None:
                     # Hung up, broke HTTP (wsproto answered 400), or too slow: nothing
                     # of ours is on its way to it, so the descriptor goes at once.
                     self.metrics.connection_refused("handshake")
                 else:
-                    await self._handle(request)
+                    await self._handle(request, handshake)
                 nursery.cancel_scope.cancel()
             if request is not None:
+                # A refused peer keeps its handshake slot while it reads its answer.
                 linger = SHUTDOWN_CLOSE_SECONDS if self.stopping else self.limits.handshake_seconds_max
                 await close_gently(stream, linger)
         finally:
-            if handshaking:
-                self._end_handshake()
+            handshake.end()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self._sockets -= 1
             self._socket_slots.release()
 
-    def _end_handshake(self) -> None:
-        self._handshakes -= 1
-        self._handshake_slots.release()
-
     # --------------------------------------------------------------- handshake
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, handshake: _Handshake) -> None:
         path = request.path.split("?", 1)[0]
         if path != ENDPOINT_PATH:
             self.metrics.connection_refused("path")
@@ -259,6 +260,7 @@ class Gateway:
             await _refuse(request, 503, body=b"too many connections\n")
             return
         self._connections += 1
+        handshake.end()  # admitted: from now on it counts against connections_max
         try:
             connection = await request.accept()
             self.metrics.connection_opened()
@@ -287,6 +289,22 @@ class Gateway:
         if frontend:
             return FRONTEND
         return None
+
+
+class _Handshake:
+    """A socket's hold on a handshake slot, from accept until it is admitted or closed."""
+
+    __slots__ = ("_gateway", "_held")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._held = True
+
+    def end(self) -> None:
+        if self._held:
+            self._held = False
+            self._gateway._handshakes -= 1
+            self._gateway._handshake_slots.release()
 
 
 async def _refuse(

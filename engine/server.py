@@ -109,6 +109,8 @@ async def open_server(config: ServerConfig, health: ServerHealth | None = None) 
                 recovery_seconds = time.perf_counter() - started
                 await put_configured_skus(engine, config)
                 gateway = Gateway(engine, config, metrics)
+                # Before any nursery, so that a limit too low stops the start as a config error does.
+                gateway.budget_sockets()
                 refreshing = trio.CancelScope()
 
                 async def refresh_metrics() -> None:

@@ -43,8 +43,9 @@ class Limits:
     # From the TCP connection to the upgrade request read (and from a close frame sent
     # to the peer's answer): past it the server hangs up.
     handshake_seconds_max: int = 5
-    # TCP connections whose upgrade request has not been read yet; beyond them new
-    # connections wait in the kernel's listen queue, holding no descriptor of ours.
+    # TCP connections not admitted as websocket connections: waiting for their upgrade
+    # request, or reading its refusal. Beyond them new connections wait in the kernel's
+    # listen queue, holding no descriptor of ours.
     handshakes_max: int = 1000
 
     def __post_init__(self) -> None:

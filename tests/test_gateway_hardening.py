@@ -130,6 +130,20 @@ async def test_handshakes_beyond_handshakes_max_wait_in_the_listen_queue_and_a_c
             await peer.aclose()
 
 
+async def test_a_refused_peer_keeps_its_handshake_slot_until_it_hangs_up() -> None:
+    # Refusals are handshakes that never finished: a crowd of them counts against handshakes_max.
+    async with open_server(server_config(limits=Limits(handshakes_max=1))) as server:
+        refused = await RawPeer.connect(port_of(server.url))
+        assert await refused.upgrade(headers=bearer("not-a-token")) == 401
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert server.gateway.statistics().handshakes == 1
+        waiting = await RawPeer.connect(port_of(server.url))  # in the listen queue meanwhile
+        await refused.wait_for_hang_up()  # the server's FIN once its answer is out
+        await refused.aclose()
+        assert await waiting.upgrade(headers=bearer(FRONTEND_TOKEN)) == 101
+        await waiting.aclose()
+
+
 # ------------------------------------------------------------ shutdown
 
 

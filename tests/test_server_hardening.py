@@ -25,9 +25,11 @@ from wire_helpers import (
     exchange,
     open_raw,
     port_of,
+    process_environment,
     reserve_map,
     resident_mib,
     run_server_process,
+    soldout_command,
     stop_with_signal,
     wire_counts,
     write_config,
@@ -130,6 +132,22 @@ async def test_half_open_connections_past_the_descriptor_limit_leave_commits_sna
         assert await stop_with_signal(server) == 0, server.stderr()
     assert "Too many open files" not in server.stderr()
     assert "Traceback" not in server.stderr()
+
+
+async def test_a_descriptor_limit_that_leaves_no_room_for_sockets_stops_the_start(tmp_path: Path) -> None:
+    config = sale_config(tmp_path)
+    with trio.fail_after(60):  # a guard against a hang, not a measurement
+        finished = await trio.run_process(
+            soldout_command("serve", "--config", config, descriptor_limit=48),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=process_environment(),
+        )
+    stderr = finished.stderr.decode()
+    assert finished.returncode == 2, stderr
+    assert stderr.startswith("soldout: config error: the descriptor limit (RLIMIT_NOFILE 48"), stderr
+    assert b"soldout serving" not in finished.stdout
 
 
 # ------------------------------------------------------------ SIGTERM
