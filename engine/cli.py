@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shards", type=int, help="shard count, fixed when a data directory is made (default 8)")
     serve.add_argument("--data-dir", help="journal and snapshots here (default: memory only)")
     serve.add_argument("--metrics-port", type=int, help="port of /metrics (default 9765; 0 picks a free one)")
+    serve.add_argument(
+        "--metrics-host", help="address of /metrics (default 127.0.0.1; elsewhere it asks for an admin token)"
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     serve.add_argument(
         "--apply-config-skus",
@@ -162,6 +165,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         shards=arguments.shards,
         data_dir=arguments.data_dir,
         metrics_port=arguments.metrics_port,
+        metrics_host=arguments.metrics_host,
     )
     if arguments.apply_config_skus:
         config = dataclasses.replace(config, apply_config_skus=True)

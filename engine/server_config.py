@@ -203,6 +203,7 @@ def with_overrides(
     shards: int | None = None,
     data_dir: str | None = None,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
 ) -> ServerConfig:
     """Flags given on the command line win over the file; flags not given change nothing."""
     engine = config.engine
@@ -217,6 +218,7 @@ def with_overrides(
         host=host if host is not None else config.host,
         port=port if port is not None else config.port,
         metrics_port=metrics_port if metrics_port is not None else config.metrics_port,
+        metrics_host=metrics_host if metrics_host is not None else config.metrics_host,
         engine=engine,
     )
     changed.check_bind_address()

@@ -69,7 +69,12 @@ class _EndWatchingStream(trio.abc.Stream):
         self.ended = trio.Event()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        # A send that fails ends the stream too: the handshake must not wait for its timeout.
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

@@ -444,3 +444,17 @@ async def test_a_server_restarting_on_its_data_dir_finds_the_retried_reserves_he
         assert client.reconnects == 1
         assert_one_hold_per_call(replies, calls, await held(restarted))
         await second.stop()
+
+
+async def test_a_send_that_fails_ends_the_watched_stream_at_once() -> None:
+    """The bug: only a failed receive set `ended`, so a handshake whose upgrade request
+    could not be sent waited out the whole connect timeout."""
+    from protocol.client import _EndWatchingStream
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    watched = _EndWatchingStream(ours)
+    await theirs.aclose()
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await watched.send_all(b"GET /v1 HTTP/1.1\r\n\r\n")
+    assert watched.ended.is_set()

@@ -240,6 +240,8 @@ def test_flags_given_win_and_flags_not_given_change_nothing() -> None:
     assert (changed.host, changed.port, changed.metrics_port) == ("::1", 0, 0)
     assert (changed.engine.shards, changed.engine.data_dir) == (3, "elsewhere")
     assert (changed.engine.durable, changed.skus, changed.admin_tokens) == (True, config.skus, config.admin_tokens)
+    assert changed.metrics_host == config.metrics_host
+    assert with_overrides(config, metrics_host="0.0.0.0").metrics_host == "0.0.0.0"
 
 
 def test_flags_are_checked_as_the_file_is() -> None:
@@ -249,6 +251,9 @@ def test_flags_are_checked_as_the_file_is() -> None:
         with_overrides(ServerConfig(), host="0.0.0.0")
     tokens = ServerConfig(frontend_tokens=("front",))
     assert with_overrides(tokens, host="0.0.0.0").host == "0.0.0.0"
+    # Metrics off loopback need an admin token to ask for.
+    with pytest.raises(ConfigError, match=r"server\.metrics_host"):
+        with_overrides(tokens, metrics_host="0.0.0.0")
 
 
 def test_a_file_is_read_and_a_missing_or_broken_one_is_refused(tmp_path: Path) -> None:
