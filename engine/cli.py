@@ -127,8 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         # The bench has its own parser: its flags pass through untouched.
-        from bench.flash import main as bench_main
-
+        try:
+            from bench.flash import main as bench_main
+        except ImportError as error:
+            print(
+                f"soldout bench needs the bench extra ({error.name or error} is missing): pip install 'soldout[bench]'",
+                file=sys.stderr,
+            )
+            return 2
         return bench_main(argv[1:])
     arguments = build_parser().parse_args(argv)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -372,3 +373,29 @@ def test_every_flag_of_every_subcommand_has_a_help_text() -> None:
     walk(build_parser(), "soldout")
     walk(build_bench_parser(), "soldout bench")
     assert missing == []
+
+
+def test_bench_without_its_extra_says_which_extra_to_install(tmp_path: Path) -> None:
+    """`soldout bench --help` failed with ModuleNotFoundError when the bench extra was missing."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('hdrh', 'rich', 'redis'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(hide)},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "pip install 'soldout[bench]'" in result.stderr
