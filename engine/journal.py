@@ -87,12 +87,6 @@ def _entry(payload: bytes) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + payload + ENTRY_END
 
 
-def encode_legacy_entry(records: Sequence[Any]) -> bytes:
-    """A format 1 entry, as soldout before format 2 wrote it (for tests of the upgrade)."""
-    payload = msgpack.packb(records, use_bin_type=True)
-    return LEGACY_HEADER.pack(LEGACY_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
 # ------------------------------------------------------------------ reading
 
 

@@ -432,9 +432,6 @@ class ShardStore:
         self.records_since_snapshot = rebuilt.records_since_snapshot
         return rebuilt.book
 
-    def recover(self) -> Book:
-        return self.adopt(self.load())
-
     def commit(self, records: list[Record]) -> None:
         """Append one batch's records as one write; durable: on disk when this returns."""
         assert self._writer is not None, "commit before recover"

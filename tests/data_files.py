@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from engine.journal import ReadResult, read_entries
+import msgpack
+
+from engine.journal import LEGACY_HEADER, LEGACY_MAGIC, ReadResult, read_entries
 from engine.manifest import read_manifest, write_manifest
 
 _SEGMENT = re.compile(r"journal-(\d{10})\.log$")
@@ -51,3 +56,9 @@ def as_if_killed(data_dir: str | Path) -> None:
             directory = os.path.join(data_dir, name)
             manifest = read_manifest(directory, int(match.group(1)))
             write_manifest(directory, dataclasses.replace(manifest, closed_bytes=None))
+
+
+def encode_legacy_entry(records: Sequence[Any]) -> bytes:
+    """A format 1 entry, as soldout before journal format 2 wrote it."""
+    payload = msgpack.packb(records, use_bin_type=True)
+    return LEGACY_HEADER.pack(LEGACY_MAGIC, len(payload), zlib.crc32(payload)) + payload

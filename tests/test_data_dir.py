@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from data_files import as_if_killed, entry_offsets, segment_entries
+from data_files import as_if_killed, encode_legacy_entry, entry_offsets, segment_entries
 
 from engine import DataDirError, EngineConfig, JournalCorrupt, Limits, open_engine
 from engine import journal as journal_module
 from engine.book import RECORD_HOLD, RECORD_PUT_SKU, RECORD_REGISTER
-from engine.journal import ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES, encode_legacy_entry
+from engine.journal import ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES
 from engine.manifest import MissingFile, read_manifest
 from protocol.messages import OK, Reserve, StockReply
 
