@@ -48,6 +48,9 @@ ENTRY_END = b"\xa5"
 # written as several entries in its one write, so a reader can refuse any larger length.
 ENTRY_PAYLOAD_BYTES_MAX = 1 << 28
 
+# Trailing zeros are looked for this many bytes at a time, from the end of the file.
+TAIL_SCAN_BYTES = 65536
+
 LEGACY_MAGIC = b"SJ\x00\x00"
 LEGACY_HEADER = struct.Struct("<4sII")  # magic, payload length, payload CRC
 LEGACY_HEADER_BYTES = LEGACY_HEADER.size
@@ -128,7 +131,7 @@ def parse_entries(path: str, data: bytes, start: int) -> ReadResult:
     """Format 2 entries of `data` from `start` on (see the module docstring for the rule)."""
     size = len(data)
     # Past `written_end` the file is zeros to its end: a torn write stops at or after it.
-    written_end = len(data.rstrip(b"\x00"))
+    written_end = _written_end(data)
     entries: list[list[Any]] = []
     offsets: list[int] = []
     offset = start
@@ -163,6 +166,18 @@ def parse_entries(path: str, data: bytes, start: int) -> ReadResult:
         offsets.append(offset)
         offset = end
     return ReadResult(entries, size, 0, offsets)
+
+
+def _written_end(data: bytes) -> int:
+    """The length of `data` without its trailing zeros, looking only at its end."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - TAIL_SCAN_BYTES)
+        kept = len(data[start:end].rstrip(b"\x00"))
+        if kept:
+            return start + kept
+        end = start
+    return 0
 
 
 def parse_legacy_entries(path: str, data: bytes) -> ReadResult:

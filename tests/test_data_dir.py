@@ -21,11 +21,13 @@ import pytest
 import trio
 import trio.testing
 from data_files import as_if_killed, encode_legacy_entry, entry_offsets, segment_entries
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import DataDirError, EngineConfig, JournalCorrupt, Limits, open_engine
 from engine import journal as journal_module
 from engine.book import RECORD_HOLD, RECORD_PUT_SKU, RECORD_REGISTER
-from engine.journal import ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES
+from engine.journal import ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES, _written_end
 from engine.manifest import MissingFile, read_manifest
 from protocol.messages import OK, Reserve, StockReply
 
@@ -378,3 +380,13 @@ def test_export_reads_a_format_1_directory_as_it_is_without_upgrading_it(tmp_pat
     assert json.loads((tmp_path / "soldout.json").read_text())["format"] == 1
     assert not (tmp_path / "shard-0" / "manifest").exists()
     assert path.read_bytes().endswith(b"SJ\x00")
+
+
+@given(
+    body=st.binary(max_size=300),
+    zeros=st.integers(min_value=0, max_value=3 * 65536),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_written_end_is_found_from_the_tail_alone(body: bytes, zeros: int) -> None:
+    data = body + bytes(zeros)
+    assert _written_end(data) == len(data.rstrip(b"\x00"))
