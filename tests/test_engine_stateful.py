@@ -34,7 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from model import Model, assert_same_reply, observe_engine
 
 from engine import Engine, EngineConfig, open_engine
-from protocol.messages import Cancel, Command, Confirm, Reserve, Stock
+from protocol.messages import UNCHANGED, Cancel, Command, Confirm, Reserve, Stock
 
 EPOCH = 1_700_000_000.0
 SHARDS = 3
@@ -175,6 +175,20 @@ sku_settings = st.fixed_dictionaries(
     }
 )
 
+order_choices = st.sampled_from((None, None, "po-1", "po-2"))
+# A change of some settings only: put_sku leaves the others as they are.
+partial_settings = st.fixed_dictionaries(
+    {},
+    optional={
+        "stock": st.integers(0, 6),
+        "per_buyer_limit": st.integers(1, 3),
+        "hold_seconds": st.sampled_from([5, 30, 100.5]),
+        "opens_in": st.sampled_from([None, -10.0, 20.0]),
+        "closes_in": st.sampled_from([None, 15.0, 60.0]),
+        "registration_required": st.booleans(),
+    },
+)
+
 # Values each argument must refuse with `invalid`.
 BAD_NAMES = ("", "x" * 300, "é" * 129, 7, None)
 BAD_VALUES = {
@@ -281,10 +295,10 @@ class EngineAgainstModel(RuleBasedStateMachine):
         assert_same_reply(actual, expected, ("reserve", sku, buyer, qty, key))
         self.remember(actual.reservation)
 
-    def _end_hold(self, ending: str, reservation: Any, buyer: Any) -> None:
+    def _end_hold(self, ending: str, reservation: Any, buyer: Any, order: Any = None) -> None:
         if ending == "confirm":
-            actual = self.call(self.engine.confirm, reservation, buyer=buyer)
-            expected = self.model.confirm(reservation, buyer, self.now())
+            actual = self.call(self.engine.confirm, reservation, buyer=buyer, order=order)
+            expected = self.model.confirm(reservation, buyer, self.now(), order)
         else:
             actual = self.call(self.engine.cancel, reservation, buyer=buyer)
             expected = self.model.cancel(reservation, buyer, self.now())
@@ -328,10 +342,44 @@ class EngineAgainstModel(RuleBasedStateMachine):
         qty = hold.qty % 3 + 1 if change == "qty" else hold.qty
         self._reserve(hold.sku, buyer, qty, hold.key)
 
-    @rule(choice=recent_choices, buyer=buyer_choices, own_buyer=own_buyer_choices)
-    def confirm(self, choice: int | str, buyer: str, own_buyer: bool) -> None:
+    @rule(choice=recent_choices, buyer=buyer_choices, own_buyer=own_buyer_choices, order=order_choices)
+    def confirm(self, choice: int | str, buyer: str, own_buyer: bool, order: str | None) -> None:
         reservation = self.pick_reservation(choice)
-        self._end_hold("confirm", reservation, self._buyer_for(reservation, buyer, own_buyer))
+        self._end_hold("confirm", reservation, self._buyer_for(reservation, buyer, own_buyer), order)
+
+    @rule(sku=sku_choices, change=partial_settings)
+    def change_some_settings(self, sku: str, change: dict[str, Any]) -> None:
+        """put_sku naming a few settings: the others keep their values (a new SKU needs a stock)."""
+        now = self.now()
+        arguments = dict(change)
+        for name, offset_name in (("opens_at", "opens_in"), ("closes_at", "closes_in")):
+            if offset_name in arguments:
+                offset = arguments.pop(offset_name)
+                arguments[name] = None if offset is None else now + offset
+        actual = self.call(self.engine.put_sku, sku, **arguments)
+        expected = self.model.put_sku(
+            sku,
+            arguments.get("stock", UNCHANGED),
+            arguments.get("per_buyer_limit", UNCHANGED),
+            arguments.get("hold_seconds", UNCHANGED),
+            arguments.get("opens_at", UNCHANGED),
+            arguments.get("closes_at", UNCHANGED),
+            arguments.get("registration_required", UNCHANGED),
+            now,
+        )
+        assert_same_reply(actual, expected, ("put_sku", sku, arguments))
+
+    @rule(choice=reservation_choices, buyer=buyer_choices, own_buyer=own_buyer_choices)
+    def look_up_a_hold(self, choice: int | str, buyer: str, own_buyer: bool) -> None:
+        reservation = self.pick_reservation(choice)
+        buyer = self._buyer_for(reservation, buyer, own_buyer)
+        actual = self.call(self.engine.hold, reservation, buyer=buyer)
+        assert_same_reply(actual, self.model.hold(reservation, buyer, self.now()), ("hold", reservation, buyer))
+
+    @rule(sku=sku_choices)
+    def get_sku(self, sku: str) -> None:
+        actual = self.call(self.engine.get_sku, sku)
+        assert_same_reply(actual, self.model.get_sku(sku, self.now()), ("get_sku", sku))
 
     @rule(choice=recent_choices, buyer=buyer_choices, own_buyer=own_buyer_choices)
     def cancel(self, choice: int | str, buyer: str, own_buyer: bool) -> None:
