@@ -239,14 +239,7 @@ def _upgrade_shard(directory: str, shard: int, limits: Limits) -> None:
             pass  # a shard format 1 never wrote to: its first segment, empty
     manifest = legacy_manifest(directory, shard)
     rebuilt = rebuild_book(directory, shard, limits, manifest)
-    if rebuilt.torn_path is not None:
-        log.warning(
-            "journal %s: cutting off a torn tail of %d bytes at offset %d",
-            rebuilt.torn_path,
-            rebuilt.torn_bytes,
-            rebuilt.torn_offset,
-        )
-        truncate(rebuilt.torn_path, rebuilt.torn_offset)
+    _cut_torn_tail(rebuilt)
     active = manifest.active.number + 1
     JournalWriter.create(segment_path(directory, active), True, shard, active).close()
     write_manifest(directory, manifest.with_new_segment(rebuilt.active_bytes, active, SEGMENT_HEADER_BYTES))
@@ -350,6 +343,19 @@ def rebuild_book(directory: str, shard: int, limits: Limits, manifest: Manifest 
     return rebuilt
 
 
+def _cut_torn_tail(rebuilt: RebuiltBook) -> None:
+    """Cut off what a crash left of the last write, with a warning that says where."""
+    if rebuilt.torn_path is None:
+        return
+    log.warning(
+        "journal %s: cutting off a torn tail of %d bytes at offset %d",
+        rebuilt.torn_path,
+        rebuilt.torn_bytes,
+        rebuilt.torn_offset,
+    )
+    truncate(rebuilt.torn_path, rebuilt.torn_offset)
+
+
 def _refuse_unlisted_entries(directory: str, manifest: Manifest) -> None:
     """Nothing is committed to a segment before the manifest lists it: one that holds
     entries but is not listed means the manifest is older than the journal."""
@@ -407,14 +413,7 @@ class ShardStore:
         """
         manifest = rebuilt.manifest
         active = segment_path(self.directory, manifest.active.number)
-        if rebuilt.torn_path is not None:
-            log.warning(
-                "journal %s: cutting off a torn tail of %d bytes at offset %d",
-                rebuilt.torn_path,
-                rebuilt.torn_bytes,
-                rebuilt.torn_offset,
-            )
-            truncate(rebuilt.torn_path, rebuilt.torn_offset)
+        _cut_torn_tail(rebuilt)
         _remove_unlisted_files(self.directory, manifest)
         writer = JournalWriter.open_existing(active, self.durable)
         try:
