@@ -171,7 +171,7 @@ def build_scenario(
 
 def read_buyer_file(path: str) -> list[str]:
     """Buyer ids from the first column of a CSV file, as `soldout admin register` reads them."""
-    from engine.admin import read_buyer_ids
+    from engine.cli.admin import read_buyer_ids
 
     with open(path, newline="") as file:
         return list(read_buyer_ids(file))

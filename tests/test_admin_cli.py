@@ -21,9 +21,9 @@ import pytest
 import trio
 from wire_helpers import ADMIN_TOKEN, FRONTEND_TOKEN, ClientStreams, server_config
 
-from engine.cli import main
-from engine.server import RunningServer, open_server
-from engine.server_config import ServerConfig, SkuSettings
+from engine.cli.main import main
+from engine.server.config import ServerConfig, SkuSettings
+from engine.server.runner import RunningServer, open_server
 from protocol.messages import Reserve
 
 SKU = "MI-BAND-1"
@@ -356,7 +356,7 @@ async def test_a_wrong_token_and_an_unknown_sku_are_one_line_errors_from_a_real_
 
 
 def test_every_flag_of_every_subcommand_has_a_help_text() -> None:
-    from engine.cli import build_parser
+    from engine.cli.main import build_parser
 
     missing = []
 

@@ -15,8 +15,8 @@ import trio
 from wire_helpers import ADMIN_TOKEN, FRONTEND_TOKEN, server_config
 
 from bench import flash
-from engine.server import open_server
-from engine.server_config import SkuSettings
+from engine.server.config import SkuSettings
+from engine.server.runner import open_server
 
 LOAD = ["--procs", "2", "--connections", "4", "--batch", "50", "--quiet"]
 

@@ -28,8 +28,8 @@ from wire_helpers import (
 
 from engine.api import open_engine
 from engine.config import EngineConfig
-from engine.server import RunningServer, open_server
-from engine.server_config import SkuSettings
+from engine.server.config import SkuSettings
+from engine.server.runner import RunningServer, open_server
 from protocol.client import ClientError, open_client
 from protocol.limits import Limits
 from protocol.messages import HoldReply, RegisterReply, Reply, Reserve, SkuReply, Stock, StockReply

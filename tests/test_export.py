@@ -13,7 +13,7 @@ import trio
 from data_files import as_if_killed
 
 from engine import DataDirError, EngineConfig, open_engine
-from engine.cli import main
+from engine.cli.main import main
 from engine.export import export
 
 

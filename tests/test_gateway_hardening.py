@@ -42,8 +42,8 @@ from wire_helpers import (
     wire_counts,
 )
 
-from engine.server import open_server
-from engine.server_config import SkuSettings
+from engine.server.config import SkuSettings
+from engine.server.runner import open_server
 from protocol.limits import Limits
 
 SKU = "MI-BAND-1"

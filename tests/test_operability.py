@@ -30,15 +30,15 @@ from wire_helpers import (
 )
 
 from engine import journal as journal_module
-from engine.health import ServerHealth
-from engine.server import RunningServer, open_server
-from engine.server_config import SkuSettings, load_server_config
+from engine.server.config import SkuSettings, load_server_config
+from engine.server.health import ServerHealth
+from engine.server.runner import RunningServer, open_server
 from engine.shard import Shard
 from protocol.messages import Stock
 
 SKU = "MI-BAND-1"
 REPOSITORY = Path(__file__).resolve().parent.parent
-DASHBOARD = REPOSITORY / "engine" / "grafana" / "soldout-dashboard.json"
+DASHBOARD = REPOSITORY / "engine" / "server" / "grafana" / "soldout-dashboard.json"
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from engine.cli import main
-from engine.server_config import (
+from engine.cli.main import main
+from engine.server.config import (
     ConfigError,
     ServerConfig,
     SkuSettings,

@@ -15,8 +15,8 @@ from wire_helpers import FRONTEND_TOKEN, reserve_map, server_config
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, Message, Request
 
-from engine.server import RunningServer, open_server
-from engine.server_config import SkuSettings
+from engine.server.config import SkuSettings
+from engine.server.runner import RunningServer, open_server
 from protocol.limits import Limits
 
 SKU = "MI-BAND-1"

@@ -25,9 +25,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 
 from engine.api import Engine, open_engine
 from engine.config import EngineConfig
-from engine.gateway import Gateway
-from engine.server import RunningServer, open_server, put_configured_skus
-from engine.server_config import ServerConfig, SkuSettings
+from engine.server.config import ServerConfig, SkuSettings
+from engine.server.gateway import Gateway
+from engine.server.runner import RunningServer, open_server, put_configured_skus
 from protocol.client import Client, open_client
 from protocol.limits import Limits
 from protocol.messages import Command
@@ -396,7 +396,7 @@ class ServerProcess:
 _LIMITED_LAUNCH = (
     "import resource, sys; limit = int(sys.argv.pop(1)); "
     "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); "
-    "from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from engine.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
 

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import trio
 
-from engine.times import format_time
+from engine.cli.times import format_time
 from protocol.client import Client, ClientError, open_client
 from protocol.messages import UNCHANGED, UNKNOWN_SKU, AnyReply, SkuReply
 

@@ -13,7 +13,7 @@ import os
 import resource
 from dataclasses import dataclass
 
-from engine.server_config import ConfigError
+from engine.server.config import ConfigError
 
 log = logging.getLogger("soldout.descriptors")
 

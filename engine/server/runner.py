@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import trio
 
 from engine.api import Engine, open_engine
-from engine.descriptors import descriptors_wanted, raise_descriptor_limit
-from engine.gateway import ENDPOINT_PATH, Gateway
-from engine.health import ServerHealth
-from engine.metrics import GatewayMetrics
-from engine.metrics_http import MetricsServer
-from engine.server_config import ConfigError, ServerConfig
+from engine.server.config import ConfigError, ServerConfig
+from engine.server.descriptors import descriptors_wanted, raise_descriptor_limit
+from engine.server.gateway import ENDPOINT_PATH, Gateway
+from engine.server.health import ServerHealth
+from engine.server.metrics import GatewayMetrics
+from engine.server.metrics_http import MetricsServer
 from protocol.messages import UNKNOWN_SKU
 
 log = logging.getLogger("soldout.server")

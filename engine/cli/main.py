@@ -16,17 +16,17 @@ from collections.abc import Sequence
 
 import trio
 
+from engine.cli.times import TimeFormatError, parse_time, parse_time_or_clear
 from engine.journal import JournalCorrupt
-from engine.listening import ListenError
-from engine.server_config import (
+from engine.server.config import (
     ConfigError,
     ServerConfig,
     SkuSettings,
     load_server_config,
     with_overrides,
 )
+from engine.server.listening import ListenError
 from engine.store import DataDirError
-from engine.times import TimeFormatError, parse_time, parse_time_or_clear
 from protocol.messages import UNCHANGED
 
 HOLD_STATES = ("held", "confirmed", "cancelled", "expired")
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "serve":
             return _serve(arguments)
         if arguments.command == "admin":
-            from engine.admin import run_admin
+            from engine.cli.admin import run_admin
 
             return trio.run(run_admin, arguments)
         if arguments.command == "export":
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
-    from engine.server import serve
+    from engine.server.runner import serve
 
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if arguments.config:
@@ -214,6 +214,3 @@ def _export(arguments: argparse.Namespace) -> int:
     print(f"exported {holds} holds", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

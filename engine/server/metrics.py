@@ -3,7 +3,7 @@
 Counting happens once per frame (requests are tallied in a local dict and added in
 one step), so metrics stay off the per-request path. Per-SKU stock and engine
 figures are read by a trio task into an immutable view that the scrape (a worker
-thread, see engine/metrics_http.py) reads, so it never walks a book that a shard is
+thread, see engine/server/metrics_http.py) reads, so it never walks a book that a shard is
 changing.
 """
 

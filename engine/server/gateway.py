@@ -2,7 +2,7 @@
 
 It accepts a TCP connection only while it has room for it: a handshake slot
 (`handshakes_max`, held until the connection is admitted or closed) and a descriptor
-outside the reserve kept for journals and snapshots (engine/descriptors.py); the rest
+outside the reserve kept for journals and snapshots (engine/server/descriptors.py); the rest
 wait in the kernel's listen queue. A connection gets `handshake_seconds_max` to send
 its upgrade request, and frees its descriptor at once if it hangs up first.
 
@@ -12,7 +12,7 @@ on it). Each frame's requests go to the engine's batch entry point, which groups
 by shard; replies are queued to the writer as they complete, so frames may be answered
 out of order. A connection over its in-flight bound is answered `busy` without
 queueing. Bytes in flight are bounded per connection and for the server
-(engine/inflight.py): a peer that does not read stops only its own reader.
+(engine/server/inflight.py): a peer that does not read stops only its own reader.
 
 Shutting down: stop reading, answer what is in flight (for at most the grace), close each
 connection with 1001; until then new handshakes are answered 503, then the listener closes.
@@ -32,13 +32,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from engine.api import Engine, EngineClosed
-from engine.descriptors import socket_budget
-from engine.inflight import InflightBytes
-from engine.listening import open_listeners
-from engine.memory import MemoryReturner
-from engine.metrics import GatewayMetrics
-from engine.server_config import ServerConfig
-from engine.websocket import ServerWebSocket, close_gently
+from engine.server.config import ServerConfig
+from engine.server.descriptors import socket_budget
+from engine.server.inflight import InflightBytes
+from engine.server.listening import open_listeners
+from engine.server.memory import MemoryReturner
+from engine.server.metrics import GatewayMetrics
+from engine.server.websocket import ServerWebSocket, close_gently
 from protocol.codec import ADMIN_OPS, Frame, RemoteProtocolError, Request, ServerCodec
 from protocol.messages import BUSY, FORBIDDEN, OK
 

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import h11
 import trio
 
-from engine.listening import open_listeners
-from engine.websocket import close_gently
+from engine.server.listening import open_listeners
+from engine.server.websocket import close_gently
 
 log = logging.getLogger("soldout.metrics")
 

@@ -1,0 +1,1 @@
+"""The `soldout` command: serve, admin, export and bench (see engine/cli/main.py)."""
