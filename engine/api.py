@@ -11,37 +11,38 @@ from dataclasses import dataclass
 
 import trio
 
-from engine.book import name_error
 from engine.config import EngineConfig
 from engine.router import shard_for_reservation, shard_for_sku
-from engine.shard import CommitObserver, Shard, ShardStatistics, Ticket
+from engine.shard import Batch, CommitObserver, Shard, ShardStatistics
 from engine.store import DataDir, ShardStore
+from protocol.limits import SKU_SHARD_CACHE_ENTRIES_MAX
 from protocol.messages import (
-    BUSY,
     INVALID,
     NOT_FOUND,
     OK,
+    REPLY_TYPES,
+    SHARD_COMMANDS,
     UNCHANGED,
     AnyReply,
     Cancel,
     Command,
     Confirm,
     GetHold,
-    GetSku,
     HoldReply,
-    PutSku,
     Register,
     RegisterReply,
     Reply,
     Reserve,
     SkuReply,
-    Stock,
     StockReply,
     Unchanged,
     status_reply,
 )
+from protocol.parser import CommandParser
 
-SKU_SHARD_CACHE_MAX = 100_000
+# What a frame or a caller hands the engine: commands, and replies already decided
+# (the parser's `invalid`, the gateway's `forbidden`), which keep their place.
+Item = Command | AnyReply
 
 
 class EngineClosed(Exception):
@@ -76,13 +77,18 @@ class SkuCounts:
 
 
 class Engine:
-    """A running set of shards. Every method is safe to call from many tasks at once."""
+    """A running set of shards. Every method is safe to call from many tasks at once.
+
+    Each method's arguments go through the parser (`protocol.parser`), so a shard is
+    handed valid commands only; the gateway hands over what its codec parsed, through
+    `decide`.
+    """
 
     def __init__(self, config: EngineConfig, shards: list[Shard]) -> None:
         self.config = config
+        self.parser = CommandParser(config.limits)
         self._shards = shards
         self._shard_count = len(shards)
-        self._string_bytes_max = config.limits.string_bytes_max
         self._sku_shards: dict[str, int] = {}
 
     # ------------------------------------------------------------ one command each
@@ -103,30 +109,35 @@ class Engine:
         `stock` is the total, held and sold included. `opens_at=None` / `closes_at=None`
         clear the sale window's start / end; a setting not given stays as it is.
         """
-        command = PutSku(sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
+        command = self.parser.put_sku(
+            sku,
+            stock=stock,
+            per_buyer_limit=per_buyer_limit,
+            hold_seconds=hold_seconds,
+            opens_at=opens_at,
+            closes_at=closes_at,
+            registration_required=registration_required,
+        )
         return await self._one(command)  # type: ignore[return-value]
 
     async def get_sku(self, sku: str) -> SkuReply:
         """Every setting and count of `sku`, its registered buyers, and whether it is open now."""
-        return await self._one(GetSku(sku))  # type: ignore[return-value]
+        return await self._one(self.parser.get_sku(sku))  # type: ignore[return-value]
 
     async def register(self, sku: str, buyers: Iterable[str]) -> RegisterReply:
         """Let `buyers` reserve `sku`; any number of them, sent in bounded commands.
 
         The reply counts the buyers newly registered and those registered already.
         """
-        if isinstance(buyers, (str, bytes)) or not isinstance(buyers, Iterable):
-            return RegisterReply(INVALID, error="buyers must be a list of buyer ids")
-        buyers = list(buyers)
         # Every name is checked before any part is sent, so a bad one registers no one.
-        for buyer in buyers:
-            error = name_error(buyer, "buyer", self._string_bytes_max)
-            if error:
-                return RegisterReply(INVALID, error=error)
+        command = self.parser.register(sku, buyers, bounded=False)
+        if type(command) is not Register:
+            return command  # type: ignore[return-value]
         size = self.config.limits.register_buyers_max
-        commands = [Register(sku, buyers[start : start + size]) for start in range(0, len(buyers), size)]
-        replies = await self.execute(commands or [Register(sku, [])])
-        failed = [reply for reply in replies if reply.status != "ok"]
+        everyone = command.buyers
+        parts = [Register(command.sku, everyone[start : start + size]) for start in range(0, len(everyone), size)]
+        replies = await self.decide(parts or [command])
+        failed = [reply for reply in replies if reply.status != OK]
         if failed:
             return failed[0]  # type: ignore[return-value]
         return RegisterReply(
@@ -137,118 +148,97 @@ class Engine:
 
     async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
         """Hold `qty` units of `sku` for `buyer`; a retry with the same `key` returns the first hold."""
-        return await self._one(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
+        return await self._one(self.parser.reserve(sku, buyer, qty, key))  # type: ignore[return-value]
 
     async def confirm(self, reservation: str, *, buyer: str, order: str | None = None) -> Reply:
         """Sell the hold's units for good; `order` links the hold to the order system's id."""
-        return await self._one(Confirm(reservation, buyer, order))  # type: ignore[return-value]
+        return await self._one(self.parser.confirm(reservation, buyer, order))  # type: ignore[return-value]
 
     async def cancel(self, reservation: str, *, buyer: str) -> Reply:
-        return await self._one(Cancel(reservation, buyer))  # type: ignore[return-value]
+        return await self._one(self.parser.cancel(reservation, buyer))  # type: ignore[return-value]
 
     async def hold(self, reservation: str, *, buyer: str) -> HoldReply:
         """What became of a hold (its SKU, units, state, expiry and order), changing nothing."""
-        return await self._one(GetHold(reservation, buyer))  # type: ignore[return-value]
+        return await self._one(self.parser.hold(reservation, buyer))  # type: ignore[return-value]
 
     async def stock(self, sku: str) -> StockReply:
-        return await self._one(Stock(sku))  # type: ignore[return-value]
+        return await self._one(self.parser.stock(sku))  # type: ignore[return-value]
 
-    async def _one(self, command: Command) -> AnyReply:
-        shard = self.route(command)
+    async def _one(self, item: Item) -> AnyReply:
+        shard = self.route(item)
         if type(shard) is not int:
-            return shard
-        ticket = Ticket((command,))
-        await self._send(shard, ticket)
-        return (await ticket.wait())[0]
+            return shard  # type: ignore[return-value]
+        batch = Batch((item,))  # type: ignore[arg-type]
+        await self._send(shard, batch)
+        return (await batch.wait())[0]
 
     # ------------------------------------------------------------ batches
 
-    async def execute(self, commands: Sequence[Command], *, wait: bool = True) -> list[AnyReply]:
-        """Decide a batch: replies in request order.
+    async def execute(self, commands: Sequence[Command]) -> list[AnyReply]:
+        """Decide commands built by the caller: replies in request order.
 
-        Each shard's part goes to it as one ticket, applied and committed together;
-        the shards work on their parts at the same time. With `wait=False` a part
-        whose shard's mailbox is full is answered `busy` instead of waiting for room.
+        Each command's fields are checked first (a bad one is answered `invalid` in its
+        place); then as `decide`.
         """
-        count = len(commands)
+        check = self.parser.check
+        return await self.decide([check(command) for command in commands])
+
+    async def decide(self, items: Sequence[Item]) -> list[AnyReply]:
+        """Decide parsed commands (a frame's): replies in request order.
+
+        The one scatter and gather of a frame: each shard's part goes to it as one batch,
+        applied and committed together, and the shards work on their parts at the same
+        time. An item that is a reply already stays in its place.
+        """
+        count = len(items)
         if count == 0:
             return []
         route = self.route
-        targets = [route(command) for command in commands]
+        targets = [route(item) for item in items]
         first = targets[0]
         if type(first) is int and targets.count(first) == count:
             # The common case: a frame for one hot SKU, or a single shard.
-            ticket = Ticket(commands)
-            if not await self._hand_over(first, ticket, wait):
-                return [_busy(command) for command in commands]
-            return await ticket.wait()
-        replies: list[AnyReply | None] = [None] * count
+            batch = Batch(items)  # type: ignore[arg-type]
+            await self._send(first, batch)
+            return await batch.wait()
+        replies: list[AnyReply] = targets  # type: ignore[assignment]  # shards' places are filled in below
         positions: dict[int, list[int]] = {}
         for position, target in enumerate(targets):
             if type(target) is int:
                 positions.setdefault(target, []).append(position)
-            else:
-                replies[position] = target
-        handed: list[tuple[Ticket, list[int]]] = []
+        batches: list[tuple[Batch, list[int]]] = []
         for shard, shard_positions in positions.items():
-            ticket = Ticket([commands[position] for position in shard_positions])
-            if await self._hand_over(shard, ticket, wait):
-                handed.append((ticket, shard_positions))
-            else:
-                for position in shard_positions:
-                    replies[position] = _busy(commands[position])
-        for ticket, shard_positions in handed:
-            for position, reply in zip(shard_positions, await ticket.wait(), strict=True):
+            batch = Batch([items[position] for position in shard_positions])  # type: ignore[misc]
+            await self._send(shard, batch)
+            batches.append((batch, shard_positions))
+        for batch, shard_positions in batches:
+            for position, reply in zip(shard_positions, await batch.wait(), strict=True):
                 replies[position] = reply
-        return replies  # type: ignore[return-value]
+        return replies
 
-    def route(self, command: Command) -> int | AnyReply:
-        """The shard that decides `command`, or the reply when no shard needs to see it."""
-        # The hot path: a reserve for a SKU already seen. Everything else takes the long way.
-        if type(command) is Reserve:
-            sku = command.sku
-            if type(sku) is str:
-                shard = self._sku_shards.get(sku)
-                if shard is not None:
-                    return shard
-        return self._route_checked(command)
-
-    def _route_checked(self, command: Command) -> int | AnyReply:
-        kind = type(command)
-        if kind is Confirm or kind is Cancel or kind is GetHold:
-            error = name_error(command.reservation, "reservation", self._string_bytes_max) or name_error(
-                command.buyer, "buyer", self._string_bytes_max
-            )
-            if error:
-                return status_reply(command, INVALID, error)
-            shard = shard_for_reservation(command.reservation, self._shard_count)
-            return status_reply(command, NOT_FOUND) if shard is None else shard
-        if kind not in (Reserve, Stock, PutSku, Register, GetSku):
+    def route(self, item: Item) -> int | AnyReply:
+        """The shard that decides `item`, or its reply when no shard needs to see it."""
+        kind = type(item)
+        # The hot path: a reserve for a SKU already seen.
+        if kind is Reserve:
+            shard = self._sku_shards.get(item.sku)  # type: ignore[union-attr]
+            if shard is not None:
+                return shard
+        elif kind is Confirm or kind is Cancel or kind is GetHold:
+            shard = shard_for_reservation(item.reservation, self._shard_count)  # type: ignore[union-attr]
+            return status_reply(item, NOT_FOUND) if shard is None else shard
+        elif kind in REPLY_TYPES:
+            return item  # type: ignore[return-value]
+        elif kind not in SHARD_COMMANDS:
             return Reply(INVALID, error=f"{kind.__name__} is not a command")
-        sku = command.sku
-        error = name_error(sku, "sku", self._string_bytes_max)
-        if error:
-            return status_reply(command, INVALID, error)
+        sku = item.sku  # type: ignore[union-attr]
         shard = shard_for_sku(sku, self._shard_count)
-        # Remember the shard of valid SKU names, up to a bound: names that are not
-        # SKUs (a client's typos, an attacker's noise) cannot grow memory without end.
-        if len(self._sku_shards) < SKU_SHARD_CACHE_MAX:
+        # Remember the shard of valid SKU names, up to a bound.
+        if len(self._sku_shards) < SKU_SHARD_CACHE_ENTRIES_MAX:
             self._sku_shards[sku] = shard
         return shard
 
-    async def _hand_over(self, shard: int, ticket: Ticket, wait: bool) -> bool:
-        if wait:
-            await self._send(shard, ticket)
-            return True
-        try:
-            self._shards[shard].mailbox.send_nowait(ticket)
-        except trio.WouldBlock:
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise EngineClosed("the engine is closed") from None
-        return True
-
-    async def _send(self, shard: int, ticket: Ticket) -> None:
+    async def _send(self, shard: int, batch: Batch) -> None:
         mailbox = self._shards[shard].mailbox
         # A caller already cancelled hands nothing over: a command in the mailbox is decided.
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -256,9 +246,9 @@ class Engine:
             # Without waiting when there is room (the caller checkpoints while it waits
             # for the reply anyway); with trio's backpressure when the mailbox is full.
             try:
-                mailbox.send_nowait(ticket)
+                mailbox.send_nowait(batch)
             except trio.WouldBlock:
-                await mailbox.send(ticket)
+                await mailbox.send(batch)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise EngineClosed("the engine is closed") from None
 
@@ -294,10 +284,6 @@ class Engine:
                     )
                 )
         return counts
-
-
-def _busy(command: Command) -> AnyReply:
-    return status_reply(command, BUSY, "the shard's mailbox is full; retry later")
 
 
 @asynccontextmanager

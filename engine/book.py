@@ -6,19 +6,20 @@ order and appends the journal records that describe every change. `Book.replay`
 applies such records to rebuild the same state, so the journal is the truth and the
 book is a cache of it. No I/O and no trio here.
 
-A reserve is checked in this order of precedence, and the first failing check is its
-answer: invalid, unknown_sku, (a used idempotency key returns its hold), not_open,
-closed, not_registered, limit_exceeded, sold_out.
+Every command it is given is valid (protocol/parser.py made it): the book checks only
+what depends on its state. A reserve is checked in the order of
+`protocol.messages.RESERVE_PRECEDENCE`, and the first failing check is its answer:
+(invalid, by the parser), unknown_sku, (a used idempotency key returns its hold),
+not_open, closed, not_registered, limit_exceeded, sold_out.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from protocol.limits import Limits
+from protocol.limits import RESERVATION_NUMBER_DIGITS_MAX, RESERVATION_SHARD_DIGITS_MAX, Limits
 from protocol.messages import (
     CLOSED,
     CONFLICT,
@@ -40,6 +41,7 @@ from protocol.messages import (
     GetHold,
     GetSku,
     HoldReply,
+    HoldState,
     PutSku,
     Register,
     RegisterReply,
@@ -50,16 +52,14 @@ from protocol.messages import (
     StockReply,
     invalid,
 )
-from protocol.messages import (
-    INVALID as INVALID_STATUS,
-)
 
-# Hold states. A hold is created HELD and ends exactly once, in one of the other three.
-HELD = 0
-CONFIRMED = 1
-CANCELLED = 2
-EXPIRED_STATE = 3
-HOLD_STATE_NAMES = {HELD: "held", CONFIRMED: "confirmed", CANCELLED: "cancelled", EXPIRED_STATE: "expired"}
+# A hold is created HELD and ends exactly once, in one of the other three.
+HELD = HoldState.HELD
+CONFIRMED = HoldState.CONFIRMED
+CANCELLED = HoldState.CANCELLED
+# Snapshots store a hold's state as a small integer.
+SNAPSHOT_STATE_CODES = {HELD: 0, CONFIRMED: 1, CANCELLED: 2, HoldState.EXPIRED: 3}
+_STATE_OF_SNAPSHOT_CODE = {code: state for state, code in SNAPSHOT_STATE_CODES.items()}
 
 # Journal record kinds; a record is a tuple whose first item is its kind.
 RECORD_PUT_SKU = 1  # (kind, sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
@@ -91,28 +91,6 @@ class InvariantViolation(AssertionError):
     """A bug: the book reached a state that DESIGN.md's invariants forbid."""
 
 
-def name_error(value: object, what: str, string_bytes_max: int) -> str | None:
-    """Why `value` is not a valid SKU, buyer, key or reservation id; None when it is."""
-    if type(value) is not str:
-        return f"{what} must be a string"
-    if value.isascii():  # O(1) in CPython: one byte per character, nothing to encode
-        if 0 < len(value) <= string_bytes_max:
-            return None
-    elif value:
-        try:
-            if len(value.encode("utf-8")) <= string_bytes_max:
-                return None
-        except UnicodeEncodeError:
-            return f"{what} is not valid Unicode text (it has a lone surrogate)"
-    if not value:
-        return f"{what} must not be empty"
-    return f"{what} is longer than {string_bytes_max} bytes"
-
-
-def _is_time(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and value >= 0
-
-
 def format_reservation(shard: int, hold_number: int) -> str:
     """A reservation id names its shard, so confirm and cancel route without a lookup."""
     return f"{shard}-{hold_number}"
@@ -123,7 +101,9 @@ def parse_reservation(reservation: str) -> tuple[int, int] | None:
     shard_text, dash, number_text = reservation.partition("-")
     if not dash or not shard_text.isdigit() or not number_text.isdigit() or not shard_text.isascii():
         return None
-    if len(shard_text) > 6 or len(number_text) > 18 or not number_text.isascii():
+    if len(shard_text) > RESERVATION_SHARD_DIGITS_MAX or len(number_text) > RESERVATION_NUMBER_DIGITS_MAX:
+        return None
+    if not number_text.isascii():
         return None
     return int(shard_text), int(number_text)
 
@@ -222,12 +202,6 @@ class Book:
 
     # ----------------------------------------------------------------- deciding
 
-    def apply(self, command: Command, now: float) -> tuple[AnyReply, list[Record]]:
-        """Decide one command at time `now`: its reply and the records it wrote."""
-        records: list[Record] = []
-        (reply,) = self.execute((command,), now, records)
-        return reply, records
-
     def execute(self, commands: Sequence[Command], now: float, records: list[Record]) -> list[AnyReply]:
         """Decide `commands` in order at time `now`, appending their records to `records`.
 
@@ -259,7 +233,7 @@ class Book:
             elif kind is GetHold:
                 append(self._get_hold(command))
             else:
-                append(invalid(f"unknown command {kind.__name__}"))
+                raise TypeError(f"the book decides commands, not {kind.__name__}")
         return replies
 
     def expire_due(self, now: float, records: list[Record]) -> int:
@@ -272,7 +246,7 @@ class Book:
             hold = holds[number]
             if hold.state == HELD:
                 record = (RECORD_EXPIRE, number, now)
-                self._replay_end(record, EXPIRED_STATE)
+                self._replay_end(record, HoldState.EXPIRED)
                 records.append(record)
                 expired += 1
         return expired
@@ -286,27 +260,11 @@ class Book:
         return heap[0][0] if heap else None
 
     def _reserve(self, command: Reserve, now: float, records: list[Record]) -> Reply:
+        # The parser made the command: its names are strings and its qty is in range.
         sku = command.sku
         buyer = command.buyer
         qty = command.qty
         key = command.key
-        limits = self.limits
-        string_bytes_max = limits.string_bytes_max
-        # invalid
-        if type(sku) is not str or not sku.isascii() or not 0 < len(sku) <= string_bytes_max:
-            error = name_error(sku, "sku", string_bytes_max)
-            if error:
-                return invalid(error)
-        if type(buyer) is not str or not buyer.isascii() or not 0 < len(buyer) <= string_bytes_max:
-            error = name_error(buyer, "buyer", string_bytes_max)
-            if error:
-                return invalid(error)
-        if type(qty) is not int or not 0 < qty <= limits.qty_max:
-            return invalid(f"qty must be an integer from 1 to {limits.qty_max}")
-        if key is not None and (type(key) is not str or not key.isascii() or not 0 < len(key) <= string_bytes_max):
-            error = name_error(key, "key", string_bytes_max)
-            if error:
-                return invalid(error)
         # unknown_sku
         state = self.skus.get(sku)
         if state is None:
@@ -318,12 +276,7 @@ class Book:
                 hold = self.holds[number]
                 if hold.buyer != buyer or hold.qty != qty:
                     return invalid("key was already used with another buyer or qty")
-                return Reply(
-                    OK,
-                    reservation=format_reservation(self.shard, number),
-                    expires_at=hold.expires_at,
-                    remaining=state.stock - state.held - state.sold,
-                )
+                return Reply(OK, format_reservation(self.shard, number), hold.expires_at, state.available)
         # not_open, closed
         if state.opens_at is not None and now < state.opens_at:
             return _REPLY_NOT_OPEN
@@ -340,50 +293,38 @@ class Book:
         available = state.stock - state.held - state.sold
         if qty > available:
             return _REPLY_SOLD_OUT
+        assert qty > 0, "the parser admits positive quantities only"
         number = self.last_hold_number + 1
         expires_at = now + state.hold_seconds
         record = (RECORD_HOLD, number, sku, buyer, qty, now, expires_at, key)
         self._replay_hold(record)
         records.append(record)
-        return Reply(
-            OK,
-            reservation=format_reservation(self.shard, number),
-            expires_at=expires_at,
-            remaining=available - qty,
-        )
+        return Reply(OK, format_reservation(self.shard, number), expires_at, available - qty)
 
-    def _find_hold(self, reservation: Any, buyer: Any) -> Hold | Reply:
-        """The hold `reservation` names, when it is `buyer`'s; otherwise the reply to give."""
-        string_bytes_max = self.limits.string_bytes_max
-        error = name_error(reservation, "reservation", string_bytes_max) or name_error(buyer, "buyer", string_bytes_max)
-        if error:
-            return invalid(error)
+    def _find_hold(self, reservation: str, buyer: str) -> Hold | None:
+        """The hold `reservation` names, when it is `buyer`'s."""
         parsed = parse_reservation(reservation)
         if parsed is None or parsed[0] != self.shard:
-            return _REPLY_NOT_FOUND
+            return None
         hold = self.holds.get(parsed[1])
         # A wrong buyer learns nothing: the answer is the same as for an unknown id.
         if hold is None or hold.buyer != buyer:
-            return _REPLY_NOT_FOUND
+            return None
         return hold
 
-    def _end_hold(self, command: Confirm | Cancel, now: float, records: list[Record], ending: int) -> Reply:
-        order = command.order if ending == CONFIRMED else None
-        if order is not None:
-            error = name_error(order, "order", self.limits.string_bytes_max)
-            if error:
-                return invalid(error)
+    def _end_hold(self, command: Confirm | Cancel, now: float, records: list[Record], ending: HoldState) -> Reply:
+        order = command.order if ending is CONFIRMED else None  # type: ignore[union-attr]
         hold = self._find_hold(command.reservation, command.buyer)
-        if type(hold) is not Hold:
-            return hold
+        if hold is None:
+            return _REPLY_NOT_FOUND
         state = hold.state
-        if state == HELD:
+        if state is HELD:
             if now >= hold.expires_at:
                 record = (RECORD_EXPIRE, hold.number, now)
-                self._replay_end(record, EXPIRED_STATE)
+                self._replay_end(record, HoldState.EXPIRED)
                 records.append(record)
                 return _REPLY_EXPIRED
-            if ending == CONFIRMED:
+            if ending is CONFIRMED:
                 record = (
                     (RECORD_CONFIRM, hold.number, now) if order is None else (RECORD_CONFIRM, hold.number, now, order)
                 )
@@ -392,32 +333,22 @@ class Book:
             self._replay_end(record, ending)
             records.append(record)
             return _REPLY_OK
-        if state == ending:
+        if state is ending:
             # A retry of what already happened; a confirm naming another order is not one.
             if order is not None and order != hold.order:
                 return _REPLY_CONFLICT
             return _REPLY_OK
-        if state == EXPIRED_STATE:
+        if state is HoldState.EXPIRED:
             return _REPLY_EXPIRED
         return _REPLY_CONFLICT
 
     def _get_hold(self, command: GetHold) -> HoldReply:
         hold = self._find_hold(command.reservation, command.buyer)
-        if type(hold) is not Hold:
-            return _HOLD_NOT_FOUND if hold is _REPLY_NOT_FOUND else HoldReply(hold.status, error=hold.error)
-        return HoldReply(
-            OK,
-            sku=hold.sku.sku,
-            qty=hold.qty,
-            state=HOLD_STATE_NAMES[hold.state],  # type: ignore[arg-type]
-            expires_at=hold.expires_at,
-            order=hold.order,
-        )
+        if hold is None:
+            return _HOLD_NOT_FOUND
+        return HoldReply(OK, hold.sku.sku, hold.qty, hold.state, hold.expires_at, hold.order)
 
     def _get_sku(self, command: GetSku, now: float) -> SkuReply:
-        error = name_error(command.sku, "sku", self.limits.string_bytes_max)
-        if error:
-            return SkuReply(INVALID_STATUS, error=error)
         state = self.skus.get(command.sku)
         if state is None:
             return _SKU_UNKNOWN_SKU
@@ -438,20 +369,18 @@ class Book:
         )
 
     def _stock(self, command: Stock) -> StockReply:
-        error = name_error(command.sku, "sku", self.limits.string_bytes_max)
-        if error:
-            return StockReply(INVALID_STATUS, error=error)
         state = self.skus.get(command.sku)
         if state is None:
             return _STOCK_UNKNOWN_SKU
-        return StockReply(OK, stock=state.stock, available=state.available, held=state.held, sold=state.sold)
+        return StockReply(OK, state.stock, state.available, state.held, state.sold)
 
     def _put_sku(self, command: PutSku, records: list[Record]) -> Reply:
-        """Create the SKU, or change the fields given; the record holds every setting."""
-        limits = self.limits
-        error = name_error(command.sku, "sku", limits.string_bytes_max)
-        if error:
-            return invalid(error)
+        """Create the SKU, or change the settings given; the record holds every setting.
+
+        The parser checked each setting given; what is checked here depends on the SKU:
+        that creating it names its stock, that the window it ends with is a window, and
+        that the new stock and limit are not below what its holds already have.
+        """
         state = self.skus.get(command.sku)
         if state is None:
             if command.stock is UNCHANGED:
@@ -477,20 +406,8 @@ class Book:
         stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required = (
             now_current if value is UNCHANGED else value for value, now_current in zip(given, current, strict=True)
         )
-        if type(stock) is not int or not 0 <= stock <= limits.stock_max:
-            return invalid(f"stock must be an integer from 0 to {limits.stock_max}")
-        if type(per_buyer_limit) is not int or not 1 <= per_buyer_limit <= limits.stock_max:
-            return invalid(f"per_buyer_limit must be an integer from 1 to {limits.stock_max}")
-        if not _is_time(hold_seconds) or not 0 < hold_seconds <= 366 * 86400:
-            return invalid("hold_seconds must be a number of seconds above 0 and at most a year")
-        if opens_at is not None and not _is_time(opens_at):
-            return invalid("opens_at must be epoch seconds or null")
-        if closes_at is not None and not _is_time(closes_at):
-            return invalid("closes_at must be epoch seconds or null")
         if opens_at is not None and closes_at is not None and closes_at <= opens_at:
             return invalid("closes_at must be after opens_at")
-        if type(registration_required) is not bool:
-            return invalid("registration_required must be true or false")
         if state is not None:
             if stock < state.held + state.sold:
                 return invalid(f"stock {stock} is below the {state.held + state.sold} units held and sold")
@@ -512,23 +429,10 @@ class Book:
         return _REPLY_OK
 
     def _register(self, command: Register, records: list[Record]) -> RegisterReply:
-        limits = self.limits
-        error = name_error(command.sku, "sku", limits.string_bytes_max)
-        if error:
-            return RegisterReply(INVALID_STATUS, error=error)
-        buyers = command.buyers
-        if type(buyers) not in (list, tuple) or len(buyers) > limits.register_buyers_max:
-            return RegisterReply(
-                INVALID_STATUS, error=f"buyers must be a list of at most {limits.register_buyers_max} buyers"
-            )
-        for buyer in buyers:
-            error = name_error(buyer, "buyer", limits.string_bytes_max)
-            if error:
-                return RegisterReply(INVALID_STATUS, error=error)
         state = self.skus.get(command.sku)
         if state is None:
             return _REGISTER_UNKNOWN_SKU
-        distinct = dict.fromkeys(buyers)
+        distinct = dict.fromkeys(command.buyers)
         new_buyers = [buyer for buyer in distinct if buyer not in state.registered]
         if new_buyers:
             record = (RECORD_REGISTER, command.sku, new_buyers)
@@ -551,7 +455,7 @@ class Book:
             elif kind == RECORD_CANCEL:
                 self._replay_end(record, CANCELLED)
             elif kind == RECORD_EXPIRE:
-                self._replay_end(record, EXPIRED_STATE)
+                self._replay_end(record, HoldState.EXPIRED)
             elif kind == RECORD_PUT_SKU:
                 self._replay_put_sku(record)
             elif kind == RECORD_REGISTER:
@@ -627,6 +531,7 @@ class Book:
 
     def to_snapshot(self) -> dict[str, Any]:
         """The whole state as plain data (lists, numbers, strings) for a snapshot file."""
+        codes = SNAPSHOT_STATE_CODES
         return {
             "shard": self.shard,
             "last_hold_number": self.last_hold_number,
@@ -644,7 +549,18 @@ class Book:
                 for s in self.skus.values()
             ],
             "holds": [
-                [h.number, h.sku.sku, h.buyer, h.qty, h.created_at, h.expires_at, h.state, h.ended_at, h.key, h.order]
+                [
+                    h.number,
+                    h.sku.sku,
+                    h.buyer,
+                    h.qty,
+                    h.created_at,
+                    h.expires_at,
+                    codes[h.state],
+                    h.ended_at,
+                    h.key,
+                    h.order,
+                ]
                 for h in self.holds.values()
             ],
         }
@@ -664,12 +580,14 @@ class Book:
             state.registered = set(registered)
         holds = book.holds
         heap = book._expiry_heap
+        states = _STATE_OF_SNAPSHOT_CODE
         for entry in data["holds"]:
             if len(entry) == 10:
-                number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key, order = entry
+                number, sku, buyer, qty, created_at, expires_at, code, ended_at, key, order = entry
             else:  # a snapshot written before orders were linked to holds: nine fields
-                number, sku, buyer, qty, created_at, expires_at, hold_state, ended_at, key = entry
+                number, sku, buyer, qty, created_at, expires_at, code, ended_at, key = entry
                 order = None
+            hold_state = states[code]  # an unknown code is damage: KeyError, as for a missing SKU
             state = skus[sku]
             hold = holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
             hold.state = hold_state
@@ -689,7 +607,7 @@ class Book:
                 state.holds_confirmed += 1
             elif hold_state == CANCELLED:
                 state.holds_cancelled += 1
-            elif hold_state == EXPIRED_STATE:
+            elif hold_state == HoldState.EXPIRED:
                 state.holds_expired += 1
         heapq.heapify(heap)
         book.last_hold_number = data["last_hold_number"]
@@ -717,8 +635,8 @@ class Book:
                 sold[sku] = sold.get(sku, 0) + hold.qty
             counted = events[sku]
             counted[0] += 1
-            if hold.state != HELD:
-                counted[hold.state] += 1  # CONFIRMED, CANCELLED and EXPIRED_STATE are 1, 2, 3
+            if hold.state is not HELD:
+                counted[SNAPSHOT_STATE_CODES[hold.state]] += 1  # confirmed, cancelled, expired: 1, 2, 3
             if hold.state in (HELD, CONFIRMED):
                 buyer_units = units[sku]
                 buyer_units[hold.buyer] = buyer_units.get(hold.buyer, 0) + hold.qty

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protocol.limits import Limits
+from protocol.limits import SHARDS_MAX, Limits
 
 
 def system_wall_clock() -> float:
@@ -34,8 +34,8 @@ class EngineConfig:
     snapshot_records_min: int = 100_000
 
     def __post_init__(self) -> None:
-        if type(self.shards) is not int or not 1 <= self.shards <= 1024:
-            raise ValueError(f"shards must be an integer from 1 to 1024, got {self.shards!r}")
+        if type(self.shards) is not int or not 1 <= self.shards <= SHARDS_MAX:
+            raise ValueError(f"shards must be an integer from 1 to {SHARDS_MAX}, got {self.shards!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError("data_dir must be a path or None")
         if type(self.snapshot_records_min) is not int or self.snapshot_records_min < 1:

@@ -35,6 +35,8 @@ from typing import Any
 
 import msgpack
 
+from protocol.limits import JOURNAL_ENTRY_PAYLOAD_BYTES_MAX, LEGACY_JOURNAL_ENTRY_BYTES_MAX
+
 SEGMENT_FORMAT = 2
 SEGMENT_MAGIC = b"SOLDJRNL"
 SEGMENT_HEADER = struct.Struct("<8sHHIQI")  # magic, format, reserved, shard, number, CRC of the rest
@@ -44,17 +46,16 @@ ENTRY_MAGIC = b"SJ\x02\x00"
 ENTRY_HEADER = struct.Struct("<4sIII")  # magic, payload length, payload CRC, header CRC
 ENTRY_HEADER_BYTES = ENTRY_HEADER.size
 ENTRY_END = b"\xa5"
-# The largest payload one entry may declare. A commit whose records encode larger is
-# written as several entries in its one write, so a reader can refuse any larger length.
-ENTRY_PAYLOAD_BYTES_MAX = 1 << 28
-
+# The largest payload one entry may declare (protocol/limits.py): a commit whose records
+# encode larger is written as several entries in its one write, so a reader can refuse
+# any larger length.
+ENTRY_PAYLOAD_BYTES_MAX = JOURNAL_ENTRY_PAYLOAD_BYTES_MAX
 # Trailing zeros are looked for this many bytes at a time, from the end of the file.
 TAIL_SCAN_BYTES = 65536
 
 LEGACY_MAGIC = b"SJ\x00\x00"
 LEGACY_HEADER = struct.Struct("<4sII")  # magic, payload length, payload CRC
 LEGACY_HEADER_BYTES = LEGACY_HEADER.size
-LEGACY_ENTRY_BYTES_MAX = 1 << 30
 
 
 class JournalCorrupt(Exception):
@@ -210,7 +211,7 @@ def _legacy_problem(data: bytes, offset: int) -> str | None:
     if length == 0:
         return "empty entry"  # never written: zeros where a header was
     end = offset + LEGACY_HEADER_BYTES + length
-    if length > LEGACY_ENTRY_BYTES_MAX or end > size:
+    if length > LEGACY_JOURNAL_ENTRY_BYTES_MAX or end > size:
         return "entry runs past the end of the file"
     if zlib.crc32(data[offset + LEGACY_HEADER_BYTES : end]) != checksum:
         return "checksum mismatch"

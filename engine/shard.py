@@ -1,8 +1,9 @@
 """The shard actor: the one trio task that owns a book.
 
-It waits for a ticket in its mailbox (a bounded memory channel), takes whatever else
-is already there up to the batch bound, decides every command in arrival order,
-commits the batch's records as one journal entry (one fsync when durable), and only
+It waits for a batch in its mailbox (a bounded memory channel of `Batch`es, each the
+commands one caller hands over at once), takes whatever else is already there up to
+`shard_batch_commands_max` commands, decides every command in arrival order, commits
+the records of all of them as one journal entry (one fsync when durable), and only
 then releases the replies. Single writer, so no locks; while a commit is on disk the
 mailbox fills, and the next batch is larger: group commit that grows with load.
 
@@ -28,21 +29,18 @@ from engine.config import EngineConfig
 from engine.journal import JournalCorrupt
 from engine.manifest import DataDirError
 from engine.store import RebuiltBook, ShardStore
+from protocol.limits import RETRY_SECONDS_MAX, RETRY_SECONDS_MIN
 from protocol.messages import UNAVAILABLE, AnyReply, Command, status_reply
 
 log = logging.getLogger("soldout.shard")
 
 SERVING = "serving"
 UNAVAILABLE_STATE = "unavailable"
-# Backoff between attempts to reopen a shard's journal after a fault, and to retry a
-# snapshot that failed.
-RETRY_SECONDS_MIN = 0.1
-RETRY_SECONDS_MAX = 5.0
 # What recovery can meet on a disk that failed: kept trying, never a crash.
 DISK_FAULTS = (OSError, JournalCorrupt, DataDirError)
 
 
-class Ticket:
+class Batch:
     """Commands handed to a shard as one unit, and the slot their replies come back in.
 
     The caller parks in `wait` until the shard calls `resolve`. It is a one-shot
@@ -63,7 +61,7 @@ class Ticket:
         if self.done:
             await trio.lowlevel.checkpoint()
             return self.replies
-        assert self._waiter is None, "a ticket has one waiter"
+        assert self._waiter is None, "a batch has one waiter"
         self._waiter = trio.lowlevel.current_task()
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -74,7 +72,7 @@ class Ticket:
         return self.replies
 
     def resolve(self, replies: list[AnyReply]) -> None:
-        assert not self.done, "a ticket is answered once"
+        assert not self.done, "a batch is answered once"
         self.replies = replies
         self.done = True
         waiter = self._waiter
@@ -120,7 +118,7 @@ class Shard:
         self._wall_clock = config.wall_clock
         self._commit_observer = commit_observer
         self._batch_commands_max = config.limits.shard_batch_commands_max
-        self.mailbox, self._inbox = trio.open_memory_channel[Ticket](config.limits.mailbox_batches_max)
+        self.mailbox, self._inbox = trio.open_memory_channel[Batch](config.limits.mailbox_batches_max)
         self._snapshot_running = False
         self._snapshot_idle = trio.Event()
         self._snapshot_idle.set()
@@ -190,52 +188,44 @@ class Shard:
         wall_clock = self._wall_clock
         batch_commands_max = self._batch_commands_max
         while True:
-            ticket: Ticket | None = None
+            batch: Batch | None = None
             with trio.move_on_at(self._expiry_deadline()):
                 try:
-                    ticket = await inbox.receive()
+                    batch = await inbox.receive()
                 except trio.EndOfChannel:
                     return
-            tickets: list[Ticket] = []
+            # The batches decided and committed together: what is waiting, up to the bound.
+            batches: list[Batch] = []
             commands = 0
-            if ticket is not None:
-                tickets.append(ticket)
-                commands = len(ticket.commands)
+            if batch is not None:
+                batches.append(batch)
+                commands = len(batch.commands)
                 while commands < batch_commands_max:
                     try:
-                        ticket = inbox.receive_nowait()
+                        batch = inbox.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    tickets.append(ticket)
-                    commands += len(ticket.commands)
+                    batches.append(batch)
+                    commands += len(batch.commands)
             if self.fault is not None:
                 # Nothing is decided while the journal cannot be written.
-                for ticket in tickets:
-                    ticket.resolve([_unavailable(command) for command in ticket.commands])
+                for batch in batches:
+                    batch.resolve([_unavailable(command) for command in batch.commands])
                 continue
             book = self.book
             now = wall_clock()
             records: list[Record] = []
-            if len(tickets) == 1:
-                replies = [book.execute(tickets[0].commands, now, records)]
-            elif tickets:
-                # One call for the whole batch, then each ticket takes its share.
-                decided = book.execute([c for ticket in tickets for c in ticket.commands], now, records)
-                replies = []
-                start = 0
-                for ticket in tickets:
-                    end = start + len(ticket.commands)
-                    replies.append(decided[start:end])
-                    start = end
+            if batches:
+                replies = [book.execute(batch.commands, now, records) for batch in batches]
             else:
                 replies = []
                 book.expire_due(now, records)
             if records and not await self._commit_or_fault(records, commands, background):
-                # Not known to be on disk: no reply of this batch may say `ok`.
-                replies = [[_unavailable(command) for command in ticket.commands] for ticket in tickets]
-            # Only now, with the batch on disk, do the callers hear their answers.
-            for ticket, ticket_replies in zip(tickets, replies, strict=True):
-                ticket.resolve(ticket_replies)
+                # Not known to be on disk: no reply of these batches may say `ok`.
+                replies = [[_unavailable(command) for command in batch.commands] for batch in batches]
+            # Only now, with the records on disk, do the callers hear their answers.
+            for batch, batch_replies in zip(batches, replies, strict=True):
+                batch.resolve(batch_replies)
             self._batches += 1
             self._commands += commands
             self._records += len(records)

@@ -145,11 +145,6 @@ class DataDir:
         _write_meta(self.path, shards)
         log.info("data directory %s upgraded to format %d", self.path, FORMAT_VERSION)
 
-    @staticmethod
-    def check_exists(path: str) -> None:
-        if not os.path.exists(os.path.join(path, META_FILE)):
-            raise DataDirError(f"{path} is not a soldout data directory: no {META_FILE}")
-
     def shard_directory(self, shard: int) -> str:
         return os.path.join(self.path, f"shard-{shard}")
 
@@ -193,11 +188,6 @@ def read_meta(path: str) -> tuple[int, int]:
     if version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION):
         raise DataDirError(f"{meta_path} has format {version}; this soldout reads formats 1 and {FORMAT_VERSION}")
     return version, shards
-
-
-def read_meta_shards(path: str) -> int:
-    """The shard count recorded in a data directory, for tools that read it."""
-    return read_meta(path)[1]
 
 
 def _refuse_if_it_holds_data(directory: str) -> None:

@@ -1,4 +1,4 @@
-"""soldout's wire protocol: messages, limits and the sans-IO codec.
+"""soldout's wire protocol: messages, limits, the command parser and the sans-IO codec.
 
 Nothing imported here does I/O or imports trio; the client (`protocol.client`) is the
 one module of this package that does, and it is imported on its own.
@@ -14,25 +14,31 @@ from protocol.messages import (
     GetHold,
     GetSku,
     HoldReply,
+    HoldState,
     PutSku,
     Register,
     RegisterReply,
     Reply,
     Reserve,
     SkuReply,
+    StatsReply,
+    Status,
     Stock,
     StockReply,
 )
+from protocol.parser import CommandParser
 
 __all__ = [
     "UNCHANGED",
     "AnyReply",
     "Cancel",
     "Command",
+    "CommandParser",
     "Confirm",
     "GetHold",
     "GetSku",
     "HoldReply",
+    "HoldState",
     "Limits",
     "PutSku",
     "Register",
@@ -40,6 +46,8 @@ __all__ = [
     "Reply",
     "Reserve",
     "SkuReply",
+    "StatsReply",
+    "Status",
     "Stock",
     "StockReply",
 ]

@@ -1,16 +1,73 @@
-"""Every bound soldout enforces, in one place.
+"""Every bound soldout enforces, in one place. Units come last in names.
 
-The codec, the engine and the gateway all read their caps from a `Limits`; the
-`[limits]` table of a server's config file fills one in. Units come last in names.
+`Limits` holds the bounds an operator may set (the `[limits]` table of a server's
+config file fills one in); it checks each against the others when it is made. The
+constants below it are bounds fixed by a format or by the design: the protocol's ids,
+the journal's entries, the reservation ids, the server's queues and backoffs. Nothing
+here touches trio or sockets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Final
 
+# ------------------------------------------------------------ fixed by a format
+# Request ids are signed 64-bit integers, so that a client in any language can hold them.
+ID_MIN: Final = -(2**63)
+ID_MAX: Final = 2**63 - 1
+# Anything of the peer's that an error message quotes is cut to this many characters.
+ECHO_CHARS_MAX: Final = 64
+# A reservation id is "<shard>-<hold number>": a shard below SHARDS_MAX, a hold number
+# that fits in a signed 64-bit integer.
+SHARDS_MAX: Final = 1024
+RESERVATION_SHARD_DIGITS_MAX: Final = len(str(SHARDS_MAX - 1))
+RESERVATION_NUMBER_DIGITS_MAX: Final = 18
+# A hold lasts at most a year (and a day, for leap years).
+HOLD_SECONDS_MAX: Final = 366 * 86400
+# One journal entry's payload; a commit larger than this is written as several entries
+# in one write. Readers refuse a larger length as damage, so it is part of the format.
+JOURNAL_ENTRY_PAYLOAD_BYTES_MAX: Final = 1 << 28
+# The largest entry format 1 (read-only) could hold.
+LEGACY_JOURNAL_ENTRY_BYTES_MAX: Final = 1 << 30
+
+# ------------------------------------------------------------ fixed by the design
 # Left out, a connection's bound on bytes in flight is this share of the server's, so
 # it takes this many connections that never read to fill the server's bound.
-INFLIGHT_BYTES_SHARES = 16
+INFLIGHT_BYTES_SHARES: Final = 16
+# Reply frames queued for one connection's writer; beyond it the connection's own
+# frame tasks wait, holding their in-flight count, so its reader turns to `busy`.
+OUTBOX_FRAMES_MAX: Final = 64
+# trio-websocket's queue of received messages: none beyond the one it hands over, so a
+# connection whose reader waits for room holds at most two frames outside the bounds.
+RECEIVED_FRAMES_QUEUED_MAX: Final = 0
+# SKU names whose shard the engine remembers: names that are not SKUs (a client's typos,
+# an attacker's noise) cannot grow memory without end.
+SKU_SHARD_CACHE_ENTRIES_MAX: Final = 100_000
+# Backoff between attempts to reopen a shard's journal after a fault, and to retry a
+# snapshot that failed.
+RETRY_SECONDS_MIN: Final = 0.1
+RETRY_SECONDS_MAX: Final = 5.0
+# While shutting down, a peer gets this long to answer the close frame (the grace is
+# for answering requests in flight, not for waiting on peers), and once the last
+# connection has closed the listener answers 503 this long more.
+SHUTDOWN_CLOSE_SECONDS: Final = 0.25
+# accept() failing for want of resources is retried after this long (as trio's own
+# serve_listeners does); the descriptor budget should make it rare.
+ACCEPT_RETRY_SECONDS: Final = 0.1
+# Descriptors kept out of the sockets' reach. At most open at once for one shard: its
+# journal segment, the next segment and the directory fsync that makes it durable while
+# the old one is closed, and a snapshot's temporary file (then its directory fsync),
+# which a worker thread writes beside commits.
+DESCRIPTORS_PER_SHARD: Final = 4
+# The rest of the process: the metrics endpoint's connections, the log, modules imported
+# late, the descriptor listing itself, and room for what a library opens unasked.
+DESCRIPTORS_SPARE: Final = 48
+# Below this many sockets a server is not worth starting: raise the limit instead.
+SOCKETS_MIN: Final = 8
+# The metrics endpoint: scrapers served at once, and the size of a request's head.
+METRICS_CONNECTIONS_MAX: Final = 8
+METRICS_REQUEST_BYTES_MAX: Final = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,13 +84,14 @@ class Limits:
     # reading that connection. Left out: server_inflight_bytes_max / INFLIGHT_BYTES_SHARES.
     inflight_bytes_max: int | None = None
     connections_max: int = 10_000
-    # Names: SKU, buyer, idempotency key, reservation id, counted in UTF-8 bytes.
+    # Names: SKU, buyer, idempotency key, reservation id, order id, in UTF-8 bytes.
     string_bytes_max: int = 256
     # The book.
     qty_max: int = 1000
     stock_max: int = 1_000_000_000
     register_buyers_max: int = 10_000
-    # The shard actors.
+    # The shard actors: batches waiting in a shard's mailbox (each the commands one
+    # caller hands over at once), and the commands a shard decides and commits together.
     mailbox_batches_max: int = 1024
     shard_batch_commands_max: int = 20_000
     # The same bytes as inflight_bytes_max, for all connections together. Past it, a
@@ -56,17 +114,36 @@ class Limits:
             value = getattr(self, field.name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"limits.{field.name} must be a positive integer, got {value!r}")
-        if self.inflight_requests_max < self.batch_requests_max:
-            raise ValueError(
-                f"limits.inflight_requests_max ({self.inflight_requests_max}) is below "
-                f"limits.batch_requests_max ({self.batch_requests_max}): every batch larger than it "
-                "would be answered busy forever"
-            )
         assert self.inflight_bytes_max is not None
-        if self.inflight_bytes_max > self.server_inflight_bytes_max:
+        # Each pair: (smaller, larger, what goes wrong otherwise).
+        ordered = (
+            (
+                "batch_requests_max",
+                "inflight_requests_max",
+                "every batch larger than it would be answered busy forever",
+            ),
+            (
+                "batch_requests_max",
+                "shard_batch_commands_max",
+                "a shard could not take a whole frame's requests in one batch",
+            ),
+            ("frame_bytes_max", "inflight_bytes_max", "a frame larger than it would wait for room forever"),
+            ("inflight_bytes_max", "server_inflight_bytes_max", "one connection could hold more than the server"),
+            (
+                "register_buyers_max",
+                "shard_batch_commands_max",
+                "a register could name more buyers than a shard decides at once",
+            ),
+            ("qty_max", "stock_max", "a reserve could ask for more units than any SKU holds"),
+        )
+        for smaller, larger, because in ordered:
+            low, high = getattr(self, smaller), getattr(self, larger)
+            if low > high:
+                raise ValueError(f"limits.{larger} ({high}) is below limits.{smaller} ({low}): {because}")
+        if self.frame_bytes_max >= JOURNAL_ENTRY_PAYLOAD_BYTES_MAX:
             raise ValueError(
-                f"limits.inflight_bytes_max ({self.inflight_bytes_max}) is above "
-                f"limits.server_inflight_bytes_max ({self.server_inflight_bytes_max})"
+                f"limits.frame_bytes_max ({self.frame_bytes_max}) must be below the journal's entry bound "
+                f"({JOURNAL_ENTRY_PAYLOAD_BYTES_MAX} bytes)"
             )
 
     @classmethod

@@ -426,7 +426,7 @@ def observe_engine(engine: Any) -> View:
     it between commands, from the trio thread that runs the engine. The books'
     internals are used only here.
     """
-    from engine.book import HOLD_STATE_NAMES, format_reservation
+    from engine.book import format_reservation
 
     view = View()
     for shard in engine._shards:
@@ -451,7 +451,7 @@ def observe_engine(engine: Any) -> View:
                 hold.qty,
                 hold.expires_at,
                 hold.key,
-                HOLD_STATE_NAMES[hold.state],
+                hold.state.value,
                 hold.order,
             )
     return view

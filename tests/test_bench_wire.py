@@ -69,9 +69,9 @@ def test_quick_run_prints_its_table_and_passes_its_correctness_check() -> None:
 def test_a_frame_of_the_bench_is_a_batch_of_valid_reserves_for_distinct_buyers() -> None:
     frame = ServerCodec(Limits()).decode(reserve_payload(7, 100, "run.case.0.3."))
     assert frame.batch
-    assert [request.id for request in frame.requests] == list(range(7, 107))
-    assert all(request.error is None and request.op == "reserve" for request in frame.requests)
-    commands = [request.command for request in frame.requests]
+    assert frame.ids == list(range(7, 107))
+    assert frame.ops == ["reserve"] * 100
+    commands = frame.commands
     assert all(type(command) is Reserve and command.sku == SKU and command.qty == 1 for command in commands)
     assert len({command.buyer for command in commands}) == 100
 
@@ -79,8 +79,7 @@ def test_a_frame_of_the_bench_is_a_batch_of_valid_reserves_for_distinct_buyers()
 def test_a_frame_of_one_request_is_a_single_map() -> None:
     frame = ServerCodec(Limits()).decode(reserve_payload(1, 1, "p."))
     assert not frame.batch
-    assert frame.requests[0].error is None
-    assert frame.requests[0].command == Reserve(SKU, "p.1", 1, None)
+    assert frame.commands == [Reserve(SKU, "p.1", 1, None)]
 
 
 def test_reply_frames_are_matched_by_their_first_id_and_tallied_by_status() -> None:

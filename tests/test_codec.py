@@ -1,15 +1,17 @@
 """The codec alone, with no trio and no sockets: protocol v1 as protocol/SPEC.md states it.
 
-Every op decodes to its command; every malformed request and frame gets its `invalid`
-answer; the bounds hold; hostile bytes and structures never make `decode` raise; replies
-survive the trip to the client unchanged; and a client and a server codec wired together
-in memory talk to each other through a tiny fake engine.
+Every op decodes to its command (through the one parser, which also answers bad values);
+every malformed request and frame gets its `invalid` answer; the bounds hold; hostile
+bytes and structures never make `decode` raise; replies survive the trip to the client
+unchanged; and a client and a server codec wired together in memory talk to each other
+through a tiny fake engine.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -24,14 +26,15 @@ from protocol.codec import (
     Frame,
     LocalProtocolError,
     RemoteProtocolError,
-    Request,
     ServerCodec,
     reply_from_map,
     request_map,
 )
 from protocol.limits import Limits
 from protocol.messages import (
+    REPLY_TYPES,
     UNCHANGED,
+    AnyReply,
     Cancel,
     Command,
     Confirm,
@@ -44,9 +47,12 @@ from protocol.messages import (
     Reply,
     Reserve,
     SkuReply,
+    Stats,
+    StatsReply,
     Stock,
     StockReply,
 )
+from protocol.parser import PING_REPLY, CommandParser
 
 LIMITS = Limits()
 SKU = "MI-BAND-1"
@@ -93,6 +99,37 @@ def server() -> ServerCodec:
     return ServerCodec(LIMITS)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One decoded request as these tests name it: `command` None for ping and stats,
+    `error` set when the parser answered it invalid."""
+
+    id: int | None
+    op: str | None
+    command: Command | None
+    error: str | None = None
+
+
+def requests_of(frame: Frame) -> tuple[Request, ...]:
+    assert len(frame.ids) == len(frame.ops) == len(frame.commands)
+    requests = []
+    for request_id, op, item in zip(frame.ids, frame.ops, frame.commands, strict=True):
+        if isinstance(item, REPLY_TYPES):
+            assert item is PING_REPLY or item.status == "invalid", item
+            error = None if item is PING_REPLY else item.error
+            requests.append(Request(request_id, op, None, error))
+        elif type(item) is Stats:
+            requests.append(Request(request_id, op, None, None))
+        else:
+            requests.append(Request(request_id, op, item, None))  # type: ignore[arg-type]
+    return tuple(requests)
+
+
+def encode_requests(client: ClientCodec, maps: Sequence[dict[str, Any]]) -> bytes:
+    """One map for one request, a batch for more."""
+    return client.encode_request(maps[0]) if len(maps) == 1 else client.encode_batch(maps)
+
+
 def decode(message: Any, limits: Limits = LIMITS) -> Frame:
     return ServerCodec(limits).decode(msgpack.packb(message))
 
@@ -100,14 +137,14 @@ def decode(message: Any, limits: Limits = LIMITS) -> Frame:
 def decode_one(message: dict[Any, Any]) -> Request:
     frame = decode(message)
     assert frame.batch is False
-    (request,) = frame.requests
+    (request,) = requests_of(frame)
     return request
 
 
 def assert_malformed(frame: Frame, error_part: str) -> None:
     """The frame is answered by one `invalid` reply with id null."""
     assert frame.batch is False
-    (request,) = frame.requests
+    (request,) = requests_of(frame)
     assert request.id is None
     assert request.op is None
     assert request.command is None
@@ -214,12 +251,15 @@ def test_the_ops_are_split_into_frontend_and_admin() -> None:
     assert not FRONTEND_OPS & ADMIN_OPS
 
 
-def test_field_values_are_carried_as_given_for_the_book_to_judge() -> None:
+def test_field_values_are_judged_by_the_parser_and_answered_invalid_naming_the_field() -> None:
     message = {"id": 1, "op": "reserve", "sku": 5, "buyer": ["x"], "qty": "two", "key": {"a": 1}}
-    assert decode_one(message).command == Reserve(5, ["x"], "two", {"a": 1})
+    assert decode_one(message) == Request(1, "reserve", None, "sku must be a string")
     put = decode_one({"id": 2, "op": "put_sku", "sku": SKU, "stock": -1, "registration_required": "yes"})
-    assert put.command == PutSku(SKU, -1, registration_required="yes")
-    assert decode_one({"id": 3, "op": "register", "sku": SKU, "buyers": "ab"}).command == Register(SKU, "ab")
+    assert put == Request(2, "put_sku", None, "stock must be an integer from 0 to 1000000000")
+    register = decode_one({"id": 3, "op": "register", "sku": SKU, "buyers": "ab"})
+    assert register == Request(3, "register", None, "buyers must be a list of at most 10000 buyers")
+    reserve = decode_one({"id": 4, "op": "reserve", "sku": SKU, "buyer": "u", "qty": 0})
+    assert reserve == Request(4, "reserve", None, "qty must be an integer from 1 to 1000")
 
 
 def test_field_order_does_not_matter() -> None:
@@ -376,7 +416,7 @@ def test_a_batch_over_the_bound_is_malformed_and_at_the_bound_decodes() -> None:
     at_bound = [{"id": number, "op": "ping"} for number in range(20)]
     frame = decode(at_bound, limits)
     assert frame.batch is True
-    assert [request.id for request in frame.requests] == list(range(20))
+    assert [request.id for request in requests_of(frame)] == list(range(20))
     assert_malformed(decode([*at_bound, {"id": 20, "op": "ping"}], limits), "a batch of 21 requests")
 
 
@@ -403,7 +443,7 @@ def test_bad_maps_in_a_batch_get_their_own_errors_and_the_others_decode() -> Non
         ]
     )
     assert frame.batch is True
-    assert frame.requests == (
+    assert requests_of(frame) == (
         Request(1, "reserve", Reserve(SKU, "a", 1, None), None),
         Request(None, "reserve", None, "id must be an integer from -2**63 to 2**63-1"),
         Request(3, None, None, "unknown op: teleport"),
@@ -415,7 +455,7 @@ def test_bad_maps_in_a_batch_get_their_own_errors_and_the_others_decode() -> Non
 
 def test_a_batch_of_one_is_still_a_batch() -> None:
     frame = decode([{"id": 1, "op": "ping"}])
-    assert frame == Frame((Request(1, "ping", None, None),), batch=True)
+    assert frame == Frame([1], ["ping"], [PING_REPLY], batch=True)
 
 
 def test_an_oversize_frame_raises_1009_and_a_frame_at_the_limit_decodes() -> None:
@@ -426,7 +466,7 @@ def test_an_oversize_frame_raises_1009_and_a_frame_at_the_limit_decodes() -> Non
     message["sku"] = "s" * padding
     at_limit = msgpack.packb(message)
     assert len(at_limit) == 64
-    assert codec.decode(at_limit).requests[0].command == Stock("s" * padding)
+    assert codec.decode(at_limit).commands[0] == Stock("s" * padding)
     with pytest.raises(RemoteProtocolError) as raised:
         codec.decode(at_limit + b"\x00")
     assert raised.value.close_code == 1009
@@ -439,7 +479,8 @@ def test_the_default_frame_limit_is_one_mebibyte() -> None:
     codec = server()
     payload = msgpack.packb({"id": 1, "op": "stock", "sku": "s" * (1_048_576 - 32)})
     assert len(payload) <= 1_048_576
-    assert codec.decode(payload).requests[0].error is None
+    # Decoded (then refused for its value: a name is at most string_bytes_max), not closed.
+    assert requests_of(codec.decode(payload))[0].error == "sku is longer than 256 bytes"
     with pytest.raises(RemoteProtocolError):
         codec.decode(msgpack.packb({"id": 1, "op": "stock", "sku": "s" * 1_048_576}))
 
@@ -450,11 +491,9 @@ def test_the_default_frame_limit_is_one_mebibyte() -> None:
 def check_frame(frame: Frame) -> None:
     """What decode promises for any input: a frame the gateway can answer request by request."""
     assert isinstance(frame, Frame)
-    assert type(frame.requests) is tuple
-    assert 1 <= len(frame.requests) <= LIMITS.batch_requests_max
-    assert frame.batch or len(frame.requests) == 1
-    for request in frame.requests:
-        assert type(request) is Request
+    assert 1 <= len(requests_of(frame)) <= LIMITS.batch_requests_max
+    assert frame.batch or len(requests_of(frame)) == 1
+    for request in requests_of(frame):
         assert request.id is None or (type(request.id) is int and ID_MIN <= request.id <= ID_MAX)
         assert request.op is None or request.op in FRONTEND_OPS | ADMIN_OPS
         if request.error is None:
@@ -467,11 +506,15 @@ def check_frame(frame: Frame) -> None:
             assert request.command is None
     # Every request can be answered and the answer encoded.
     codec = server()
-    replies = [
-        codec.reply_map(request) if request.error else codec.reply_map(request, status="ok")
-        for request in frame.requests
+    replies: list[AnyReply] = [
+        item if isinstance(item, REPLY_TYPES) else Reply("ok")  # type: ignore[misc]
+        for item in frame.commands
     ]
-    assert ClientCodec().decode_replies(codec.encode(frame, replies)) == replies
+    received = ClientCodec().decode_replies(codec.encode(frame, replies))
+    assert [answer["id"] for answer in received] == frame.ids
+    assert [(answer["status"], answer.get("error")) for answer in received] == [
+        (reply.status, reply.error) for reply in replies
+    ]
 
 
 @settings(max_examples=400, deadline=None)
@@ -572,13 +615,21 @@ def test_request_like_maps_decode_exactly_as_the_spec_says(messages: list[dict[A
     check_frame(frame)
     expected = messages if batch else messages[:1]
     assert frame.batch is batch
-    assert len(frame.requests) == len(expected)
-    for request, message in zip(frame.requests, expected, strict=True):
+    assert len(requests_of(frame)) == len(expected)
+    for request, message in zip(requests_of(frame), expected, strict=True):
         request_id, op, valid = spec_verdict(message)
         assert (request.id, request.op) == (request_id, op), message
-        assert (request.error is None) == valid, (message, request)
-        if valid:
-            assert request.command == expected_command(op, message)  # type: ignore[arg-type]
+        if not valid:
+            assert request.error is not None, (message, request)
+            continue
+        # The map's values go through the parser the API uses: the same command, or the same error.
+        command = expected_command(op, message)  # type: ignore[arg-type]
+        parsed = None if command is None else CommandParser(LIMITS).check(command)
+        if parsed is None or isinstance(parsed, REPLY_TYPES):
+            assert request.command is None, (message, request)
+            assert request.error == (None if parsed is None else parsed.error), (message, request)
+        else:
+            assert request == Request(request_id, op, parsed, None), message
 
 
 VALID_FRAMES = [
@@ -615,13 +666,15 @@ def test_corrupted_valid_frames_never_make_decode_raise(seed: int) -> None:
 # ------------------------------------------------------------------- reply maps
 
 
-def request(op: str = "reserve", request_id: int = 5) -> Request:
-    return Request(request_id, op, None, None)
+def answer(reply: Any, request_id: int | None = 5, codec: ServerCodec | None = None) -> dict[str, Any]:
+    """The reply map the server writes for `reply` to request `request_id`."""
+    frame = Frame([request_id], ["reserve"], [reply], batch=False)
+    return msgpack.unpackb((codec or server()).encode(frame, [reply]))
 
 
 def test_a_reserve_that_is_ok_carries_reservation_expiry_and_remaining() -> None:
     reply = Reply("ok", reservation="3-17", expires_at=1_700_000_900.25, remaining=41)
-    assert server().reply_map(request(), reply) == {
+    assert answer(reply) == {
         "id": 5,
         "status": "ok",
         "reservation": "3-17",
@@ -631,19 +684,29 @@ def test_a_reserve_that_is_ok_carries_reservation_expiry_and_remaining() -> None
 
 
 def test_expires_at_is_always_a_float() -> None:
-    answer = server().reply_map(request(), Reply("ok", reservation="0-1", expires_at=1_700_000_900, remaining=0))
-    assert type(answer["expires_at"]) is float
-    assert answer["expires_at"] == 1_700_000_900.0
+    written = answer(Reply("ok", reservation="0-1", expires_at=1_700_000_900, remaining=0))
+    assert type(written["expires_at"]) is float
+    assert written["expires_at"] == 1_700_000_900.0
 
 
 @pytest.mark.parametrize("status", ["sold_out", "limit_exceeded", "not_open", "closed", "unknown_sku", "not_found"])
 def test_a_reply_without_fields_is_id_and_status(status: str) -> None:
-    assert server().reply_map(request(), Reply(status)) == {"id": 5, "status": status}
+    assert answer(Reply(status)) == {"id": 5, "status": status}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("request_id", [None, 0, 127, 128, -1, -33, 2**32, ID_MIN, ID_MAX])
+def test_a_status_only_reply_written_from_its_cached_bytes_is_the_map_msgpack_would_write(
+    request_id: int | None,
+) -> None:
+    for status in STATUSES:
+        expected = msgpack.packb({"id": request_id, "status": status})
+        frame = Frame([request_id], ["reserve"], [None], batch=False)  # type: ignore[list-item]
+        assert server().encode(frame, [Reply(status)]) == expected  # type: ignore[arg-type]
 
 
 def test_a_stock_reply_carries_the_four_counts() -> None:
     reply = StockReply("ok", stock=10, available=0, held=3, sold=7)
-    assert server().reply_map(request("stock"), reply) == {
+    assert answer(reply) == {
         "id": 5,
         "status": "ok",
         "stock": 10,
@@ -654,74 +717,80 @@ def test_a_stock_reply_carries_the_four_counts() -> None:
 
 
 def test_an_invalid_reply_from_the_engine_carries_its_error() -> None:
-    answer = server().reply_map(request(), Reply("invalid", error="qty must be an integer from 1 to 1000"))
-    assert answer == {"id": 5, "status": "invalid", "error": "qty must be an integer from 1 to 1000"}
+    written = answer(Reply("invalid", error="qty must be an integer from 1 to 1000"))
+    assert written == {"id": 5, "status": "invalid", "error": "qty must be an integer from 1 to 1000"}
 
 
 def test_a_request_with_an_error_is_answered_invalid_with_it() -> None:
     codec = server()
-    assert codec.reply_map(Request(None, None, None, "missing field: id")) == {
-        "id": None,
-        "status": "invalid",
-        "error": "missing field: id",
-    }
-    assert codec.reply_map(Request(3, "stock", None, "missing field: sku")) == {
-        "id": 3,
-        "status": "invalid",
-        "error": "missing field: sku",
-    }
+    frame = codec.decode(msgpack.packb([{"op": "ping"}, {"id": 3, "op": "stock"}]))
+    assert msgpack.unpackb(codec.encode(frame, frame.commands)) == [  # type: ignore[arg-type]
+        {"id": None, "status": "invalid", "error": "missing field: id"},
+        {"id": 3, "status": "invalid", "error": "missing field: sku"},
+    ]
 
 
-def test_extra_fields_make_ping_stats_forbidden_and_busy_replies() -> None:
+def test_ping_stats_forbidden_and_busy_replies_are_replies_like_the_others() -> None:
     codec = server()
-    assert codec.reply_map(request("ping"), status="ok") == {"id": 5, "status": "ok"}
-    assert codec.reply_map(request("stats"), None, status="ok", stats={"frames": 3}) == {
+    ping = codec.decode(msgpack.packb({"id": 5, "op": "ping"}))
+    assert msgpack.unpackb(codec.encode(ping, ping.commands)) == {"id": 5, "status": "ok"}  # type: ignore[arg-type]
+    assert answer(StatsReply("ok", stats={"frames": 3})) == {"id": 5, "status": "ok", "stats": {"frames": 3}}
+    frontend = ServerCodec(LIMITS, admin=False)
+    put = frontend.decode(msgpack.packb({"id": 5, "op": "put_sku", "sku": SKU, "stock": -1}))
+    assert put.commands == [Reply("forbidden", error="put_sku needs an admin token")]
+    assert answer(put.commands[0], codec=frontend) == {
         "id": 5,
-        "status": "ok",
-        "stats": {"frames": 3},
+        "status": "forbidden",
+        "error": "put_sku needs an admin token",
     }
-    forbidden = codec.reply_map(request("put_sku"), None, status="forbidden", error="put_sku needs an admin token")
-    assert forbidden == {"id": 5, "status": "forbidden", "error": "put_sku needs an admin token"}
-    # An override wins over the request's own error: a frame over the in-flight bound is busy.
-    busy = codec.reply_map(Request(None, None, None, "missing field: id"), None, status="busy", error="later")
-    assert busy == {"id": None, "status": "busy", "error": "later"}
+    # A malformed admin request from a frontend is answered invalid, as for an admin.
+    (malformed,) = requests_of(frontend.decode(msgpack.packb({"id": 6, "op": "put_sku"})))
+    assert malformed == Request(6, "put_sku", None, "missing field: sku")
+    assert answer(Reply("busy", error="later"), None) == {"id": None, "status": "busy", "error": "later"}
 
 
-def test_reply_map_refuses_misuse() -> None:
+def test_encode_refuses_misuse() -> None:
     codec = server()
     with pytest.raises(LocalProtocolError):
-        codec.reply_map(request("ping"))  # no status at all
+        answer(Reply("maybe"))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
-        codec.reply_map(request("ping"), status="pong")
+        answer(Reply(["ok"]))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError):
-        codec.reply_map(request("ping"), status=["ok"])
+        answer("ok")
     with pytest.raises(LocalProtocolError):
-        codec.reply_map(request(), Reply("maybe"))
+        answer(Stats())
+    frame = Frame([1], ["ping"], [PING_REPLY], batch=False)
     with pytest.raises(LocalProtocolError):
-        codec.reply_map(request(), Reply("ok"), id=6)
-    with pytest.raises(LocalProtocolError):
-        codec.reply_map(request(), "ok")  # type: ignore[arg-type]
+        codec.encode(frame, [])
 
 
 def test_encode_answers_a_map_with_a_map_and_a_batch_with_an_array_in_order() -> None:
     codec = server()
-    single = Frame((request("ping", 1),), batch=False)
-    assert msgpack.unpackb(codec.encode(single, [{"id": 1, "status": "ok"}])) == {"id": 1, "status": "ok"}
-    batch = Frame((request("ping", 1), request("ping", 2)), batch=True)
-    replies = [{"id": 1, "status": "ok"}, {"id": 2, "status": "busy"}]
-    assert msgpack.unpackb(codec.encode(batch, replies)) == replies
-    assert msgpack.unpackb(codec.encode(batch, tuple(replies))) == replies
+    single = Frame([1], ["ping"], [PING_REPLY], batch=False)
+    assert msgpack.unpackb(codec.encode(single, [Reply("ok")])) == {"id": 1, "status": "ok"}
+    batch = Frame([1, 2], ["ping", "ping"], [PING_REPLY, PING_REPLY], batch=True)
+    replies = [Reply("ok"), Reply("busy")]
+    expected = [{"id": 1, "status": "ok"}, {"id": 2, "status": "busy"}]
+    assert msgpack.unpackb(codec.encode(batch, replies)) == expected  # type: ignore[arg-type]
+    assert msgpack.unpackb(codec.encode(batch, tuple(replies))) == expected  # type: ignore[arg-type]
+
+
+def test_encode_writes_the_array_header_of_large_batches() -> None:
+    for count in (15, 16, 65_535, 65_536):
+        frame = Frame(list(range(count)), ["ping"] * count, [PING_REPLY] * count, batch=True)
+        written = msgpack.unpackb(server().encode(frame, [PING_REPLY] * count))
+        assert [reply["id"] for reply in written] == list(range(count))
 
 
 def test_encode_refuses_a_wrong_number_of_replies_or_values_msgpack_cannot_carry() -> None:
     codec = server()
-    batch = Frame((request("ping", 1), request("ping", 2)), batch=True)
+    batch = Frame([1, 2], ["ping", "ping"], [PING_REPLY, PING_REPLY], batch=True)
     with pytest.raises(LocalProtocolError):
-        codec.encode(batch, [{"id": 1, "status": "ok"}])
+        codec.encode(batch, [Reply("ok")])
     with pytest.raises(LocalProtocolError):
-        codec.encode(batch, [{"id": 1, "status": "ok"}] * 3)
+        codec.encode(batch, [Reply("ok")] * 3)
     with pytest.raises(LocalProtocolError):
-        codec.encode(Frame((request("stats", 1),), batch=False), [{"id": 1, "status": "ok", "stats": object()}])
+        codec.encode(Frame([1], ["stats"], [Stats()], batch=False), [StatsReply("ok", stats={"x": object()})])
 
 
 # ------------------------------------------------------------------- the client's half
@@ -780,11 +849,12 @@ commands = st.one_of(
 )
 def test_every_command_survives_the_trip_from_client_to_server(commands: list[Command], first_id: int) -> None:
     maps = [request_map(first_id + position, command) for position, command in enumerate(commands)]
-    frame = server().decode(ClientCodec().encode_requests(maps))
+    frame = server().decode(encode_requests(ClientCodec(), maps))
     assert frame.batch is (len(commands) > 1)
-    assert [request.id for request in frame.requests] == [first_id + position for position in range(len(commands))]
-    assert [request.error for request in frame.requests] == [None] * len(commands)
-    assert [request.command for request in frame.requests] == commands
+    assert frame.ids == [first_id + position for position in range(len(commands))]
+    # Over the wire or in process, the one parser makes the same command or the same refusal.
+    parser = CommandParser(LIMITS)
+    assert frame.commands == [parser.check(command) for command in commands]
 
 
 def test_the_client_refuses_requests_the_server_would_not_take() -> None:
@@ -809,8 +879,8 @@ def test_the_client_refuses_requests_the_server_would_not_take() -> None:
         client.encode_batch([{"id": 1, "op": "ping"}, [("id", 2), ("op", "ping")]])  # type: ignore[list-item]
     with pytest.raises(LocalProtocolError):
         client.encode_request({"id": 1, "op": "stock", "sku": {1, 2}})  # msgpack has no sets
-    assert msgpack.unpackb(client.encode_requests([{"id": 1, "op": "ping"}])) == {"id": 1, "op": "ping"}
-    assert msgpack.unpackb(client.encode_requests([{"id": 1, "op": "ping"}] * 2)) == [{"id": 1, "op": "ping"}] * 2
+    assert msgpack.unpackb(client.encode_request({"id": 1, "op": "ping"})) == {"id": 1, "op": "ping"}
+    assert msgpack.unpackb(client.encode_batch([{"id": 1, "op": "ping"}] * 2)) == [{"id": 1, "op": "ping"}] * 2
 
 
 @pytest.mark.parametrize(
@@ -948,9 +1018,8 @@ def test_replies_survive_the_trip_from_server_to_client(
         else {"id": first_id + position, "op": op, **valid_fields(op)}
         for position, (op, _) in enumerate(pairs)
     ]
-    frame = codec.decode(client.encode_requests(maps))
-    answers = [codec.reply_map(request, reply) for request, (_, reply) in zip(frame.requests, pairs, strict=True)]
-    received = client.decode_replies(codec.encode(frame, answers))
+    frame = codec.decode(encode_requests(client, maps))
+    received = client.decode_replies(codec.encode(frame, [reply for _, reply in pairs]))
     assert [answer["id"] for answer in received] == [first_id + position for position in range(len(pairs))]
     rebuilt = [reply_from_map(op, answer) for (op, _), answer in zip(pairs, received, strict=True)]
     assert rebuilt == [reply for _, reply in pairs]
@@ -985,22 +1054,19 @@ class FakeEngine:
         return Reply("invalid", error=f"the fake engine does not {type(command).__name__}")
 
 
-def serve_payload(codec: ServerCodec, engine: FakeEngine, payload: bytes, admin: bool) -> bytes:
+def serve_payload(engine: FakeEngine, payload: bytes, admin: bool) -> bytes:
     """What the gateway does with one frame, without the sockets."""
+    codec = ServerCodec(LIMITS, admin=admin)
     frame = codec.decode(payload)
-    replies = []
-    for request in frame.requests:
-        if request.error is not None:
-            replies.append(codec.reply_map(request))
-        elif request.op in ADMIN_OPS and not admin:
-            replies.append(
-                codec.reply_map(request, None, status="forbidden", error=f"{request.op} needs an admin token")
-            )
-        elif request.command is None:
-            replies.append(codec.reply_map(request, None, status="ok"))
-        else:
-            replies.append(codec.reply_map(request, engine.execute(request.command)))
-    return codec.encode(frame, replies)
+    replies = [
+        item
+        if isinstance(item, REPLY_TYPES)
+        else StatsReply("ok", stats={})
+        if type(item) is Stats
+        else engine.execute(item)
+        for item in frame.commands
+    ]
+    return codec.encode(frame, replies)  # type: ignore[arg-type]
 
 
 class Peer:
@@ -1022,7 +1088,7 @@ class Peer:
             else:
                 maps.append(request_map(request_id, command))
             self.pending[request_id] = maps[-1]["op"]
-        return self.codec.encode_requests(maps)
+        return encode_requests(self.codec, maps)
 
     def receive(self, payload: bytes) -> None:
         for answer in self.codec.decode_replies(payload):
@@ -1032,14 +1098,13 @@ class Peer:
 
 def test_two_peers_in_memory_reserve_until_sold_out_and_match_replies_by_id() -> None:
     engine = FakeEngine({SKU: 3})
-    codec = server()
     peer = Peer()
     crowd: list[Command | str] = [Reserve(SKU, f"buyer-{number}", 1, f"key-{number}") for number in range(5)]
     first = peer.frame([*crowd, "ping", Stock(SKU), PutSku(SKU, 10)])
     second = peer.frame([Reserve("NO-SUCH-SKU", "buyer-9", 1)])
     # The server answers the second frame first: the client matches by id, not by order.
-    peer.receive(serve_payload(codec, engine, second, admin=False))
-    peer.receive(serve_payload(codec, engine, first, admin=False))
+    peer.receive(serve_payload(engine, second, admin=False))
+    peer.receive(serve_payload(engine, first, admin=False))
     assert peer.pending == {}
     statuses = [peer.answers[request_id].status for request_id in range(1, 6)]
     assert statuses == ["ok", "ok", "ok", "sold_out", "sold_out"]
@@ -1050,22 +1115,21 @@ def test_two_peers_in_memory_reserve_until_sold_out_and_match_replies_by_id() ->
     assert peer.answers[9] == Reply("unknown_sku")
 
     confirm = peer.frame([Confirm(peer.answers[1].reservation, "buyer-0")])  # type: ignore[arg-type, union-attr]
-    peer.receive(serve_payload(codec, engine, confirm, admin=False))
+    peer.receive(serve_payload(engine, confirm, admin=False))
     assert peer.answers[10] == Reply("ok")
 
 
 def test_two_peers_in_memory_a_malformed_frame_gets_a_null_id_and_the_next_frame_is_served() -> None:
     engine = FakeEngine({SKU: 1})
-    codec = server()
     client = ClientCodec()
-    answers = client.decode_replies(serve_payload(codec, engine, b"\xc1not msgpack", admin=True))
+    answers = client.decode_replies(serve_payload(engine, b"\xc1not msgpack", admin=True))
     assert len(answers) == 1
     assert answers[0]["id"] is None
     assert answers[0]["status"] == "invalid"
     assert "not valid msgpack" in answers[0]["error"]
     assert engine.stock == {SKU: 1}
     peer = Peer()
-    peer.receive(serve_payload(codec, engine, peer.frame([Reserve(SKU, "u", 1)]), admin=True))
+    peer.receive(serve_payload(engine, peer.frame([Reserve(SKU, "u", 1)]), admin=True))
     assert peer.answers[1].status == "ok"
 
 

@@ -521,41 +521,42 @@ async def test_a_tiny_mailbox_still_answers_every_request() -> None:
             assert await counts(engine, sku) == (300, 0, 300, 0)
 
 
-async def test_execute_without_waiting_answers_busy_when_the_mailbox_is_full(
+async def test_a_full_mailbox_makes_callers_wait_for_room_and_every_one_is_answered(
     autojump_clock: trio.testing.MockClock, engine_config: ConfigFactory
 ) -> None:
     config = engine_config(shards=1, limits=Limits(mailbox_batches_max=1))
     # On the autojump clock a request that is never answered fails here, not hangs.
     with trio.fail_after(60):
-        await busy_when_the_mailbox_is_full(config)
+        await waits_when_the_mailbox_is_full(config)
 
 
-async def busy_when_the_mailbox_is_full(config: EngineConfig) -> None:
+async def waits_when_the_mailbox_is_full(config: EngineConfig) -> None:
     async with open_engine(config) as engine:
-        await engine.put_sku(SKU, stock=100, per_buyer_limit=1)
+        await engine.put_sku(SKU, stock=4, per_buyer_limit=1)
         await trio.testing.wait_all_tasks_blocked()  # the shard waits on its mailbox
         replies: dict[int, list[Any]] = {}
+        handed_over = 0
 
         async def attempt(index: int) -> None:
-            commands = [Reserve(SKU, f"buyer-{index}", 1), Stock(SKU)]
-            replies[index] = await engine.execute(commands, wait=False)
+            nonlocal handed_over
+            replies[index] = await engine.execute([Reserve(SKU, f"buyer-{index}", 1), Stock(SKU)])
+            handed_over += 1
 
-        # All six start in one scheduling batch and hand over before the shard runs: the
-        # first ticket goes straight to the waiting shard, the second fills the mailbox,
-        # and nothing frees room until the shard runs again.
+        # All six start in one scheduling batch: the first batch goes straight to the
+        # waiting shard, the second fills the mailbox, and the other four wait for room
+        # (trio's backpressure) instead of being refused.
         async with trio.open_nursery() as nursery:
             for index in range(6):
                 nursery.start_soon(attempt, index)
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().shards[0].mailbox_used <= 1
+        assert handed_over == 6
         statuses = Counter(reply[0].status for reply in replies.values())
-        assert statuses == Counter({"ok": 2, "busy": 4})
-        for reserve_reply, stock_reply in replies.values():
-            if reserve_reply.status == "busy":
-                assert reserve_reply.error
-                assert isinstance(stock_reply, StockReply)
-                assert stock_reply.status == "busy"
-        # A busy request left no trace; a caller that waits gets room.
-        assert await counts(engine) == (100, 98, 2, 0)
-        assert (await engine.execute([Reserve(SKU, "patient", 1)]))[0].status == "ok"
+        assert statuses == Counter({"ok": 4, "sold_out": 2})
+        for _, stock_reply in replies.values():
+            assert isinstance(stock_reply, StockReply)
+            assert stock_reply.status == "ok"
+        assert await counts(engine) == (4, 0, 4, 0)
 
 
 # ------------------------------------------------------------------ the data directory

@@ -48,7 +48,7 @@ async def test_export_lists_every_hold_with_its_state_and_totals_that_match_stoc
     lines = [json.loads(line) for line in output.getvalue().splitlines()]
     holds = [line for line in lines if line["type"] == "hold"]
     skus = {line["sku"]: line for line in lines if line["type"] == "sku"}
-    assert sorted((hold["sku"], hold["buyer"], hold["units"], hold["state"]) for hold in holds) == [
+    assert sorted((hold["sku"], hold["buyer"], hold["qty"], hold["state"]) for hold in holds) == [
         ("BAND", "u1", 2, "confirmed"),
         ("BAND", "u2", 1, "cancelled"),
         ("BAND", "u3", 1, "expired"),
@@ -67,8 +67,8 @@ async def test_export_lists_every_hold_with_its_state_and_totals_that_match_stoc
             sold,
         )
         # The totals are the sum of the holds, not a second bookkeeping.
-        assert skus[sku]["held"] == sum(h["units"] for h in holds if h["sku"] == sku and h["state"] == "held")
-        assert skus[sku]["sold"] == sum(h["units"] for h in holds if h["sku"] == sku and h["state"] == "confirmed")
+        assert skus[sku]["held"] == sum(h["qty"] for h in holds if h["sku"] == sku and h["state"] == "held")
+        assert skus[sku]["sold"] == sum(h["qty"] for h in holds if h["sku"] == sku and h["state"] == "confirmed")
 
 
 async def test_export_reads_without_changing_a_file(

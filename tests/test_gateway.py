@@ -41,9 +41,9 @@ from wire_helpers import (
 
 from engine.api import Engine, open_engine
 from engine.server.config import ConfigError, SkuSettings
-from engine.server.gateway import ADMIN, OUTBOX_FRAMES_MAX, Connection, Gateway
+from engine.server.gateway import ADMIN, Connection, Gateway
 from engine.server.runner import RunningServer, open_server, put_configured_skus
-from protocol.limits import Limits
+from protocol.limits import OUTBOX_FRAMES_MAX, Limits
 
 SKU = "MI-BAND-1"
 

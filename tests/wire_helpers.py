@@ -30,7 +30,6 @@ from engine.server.gateway import Gateway
 from engine.server.runner import RunningServer, open_server, put_configured_skus
 from protocol.client import Client, open_client
 from protocol.limits import Limits
-from protocol.messages import Command
 
 FRONTEND_TOKEN = "front-secret"
 ADMIN_TOKEN = "admin-secret"
@@ -339,10 +338,10 @@ class GatedEngine:
         self.gate = trio.Event()
         self.commands_handed = 0
 
-    async def execute(self, commands: Sequence[Command], *, wait: bool = True) -> list[Any]:
+    async def decide(self, commands: Sequence[Any]) -> list[Any]:
         self.commands_handed += len(commands)
         await self.gate.wait()
-        return await self.engine.execute(commands, wait=wait)
+        return await self.engine.decide(commands)
 
     def statistics(self) -> Any:
         return self.engine.statistics()

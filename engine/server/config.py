@@ -17,6 +17,7 @@ from typing import Any
 from engine.config import EngineConfig
 from protocol.limits import Limits
 from protocol.messages import UNCHANGED, Unchanged
+from protocol.parser import CommandParser
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -32,7 +33,7 @@ class SkuSettings:
     """A [[sku]] of the config file. A setting the file leaves out is UNCHANGED: a SKU the
     file creates takes the default, and --apply-config-skus leaves it as it is."""
 
-    id: str
+    sku: str
     stock: int
     per_buyer_limit: int | Unchanged = UNCHANGED
     hold_seconds: float | Unchanged = UNCHANGED
@@ -153,25 +154,23 @@ def parse_server_config(document: dict[str, Any], *, base_directory: str | None 
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
-    shards = _get(engine, "engine.shards", int, 8)
-    if not 1 <= shards <= 1024:
-        raise ConfigError(f"engine.shards must be from 1 to 1024, got {shards}")
     data_dir = _get(engine, "engine.data_dir", str, None)
     if data_dir == "":
         raise ConfigError("engine.data_dir must not be empty (omit it for memory only)")
     if data_dir is not None and base_directory is not None:
         data_dir = os.path.join(base_directory, os.path.expanduser(data_dir))
     durable = _get(engine, "engine.durable", bool, True)
-    snapshot_records_min = _get(engine, "engine.snapshot_records_min", int, 100_000)
-    if snapshot_records_min < 1:
-        raise ConfigError("engine.snapshot_records_min must be a positive integer")
-    engine_config = EngineConfig(
-        shards=shards,
-        data_dir=data_dir,
-        durable=durable,
-        limits=limits,
-        snapshot_records_min=snapshot_records_min,
-    )
+    try:
+        # EngineConfig checks the shard count and the snapshot threshold.
+        engine_config = EngineConfig(
+            shards=engine.get("shards", EngineConfig.shards),
+            data_dir=data_dir,
+            durable=durable,
+            limits=limits,
+            snapshot_records_min=engine.get("snapshot_records_min", EngineConfig.snapshot_records_min),
+        )
+    except ValueError as error:
+        raise ConfigError(f"engine.{error}") from None
 
     frontend_tokens = _tokens(auth, "frontend_tokens")
     admin_tokens = _tokens(auth, "admin_tokens")
@@ -208,9 +207,10 @@ def with_overrides(
     """Flags given on the command line win over the file; flags not given change nothing."""
     engine = config.engine
     if shards is not None:
-        if not 1 <= shards <= 1024:
-            raise ConfigError(f"--shards must be from 1 to 1024, got {shards}")
-        engine = replace(engine, shards=shards)
+        try:
+            engine = replace(engine, shards=shards)
+        except ValueError as error:
+            raise ConfigError(f"--{error}") from None
     if data_dir is not None:
         engine = replace(engine, data_dir=data_dir)
     changed = replace(
@@ -281,8 +281,10 @@ def _time(entry: dict[str, Any], name: str) -> float | Unchanged:
 
 
 def _skus(entries: Any, limits: Limits) -> tuple[SkuSettings, ...]:
+    """The [[sku]] tables: each one's settings checked by the parser that checks put_sku's."""
     if not isinstance(entries, list):
         raise ConfigError("sku must be an array of tables ([[sku]])")
+    parser = CommandParser(limits)
     skus = []
     seen = set()
     for index, entry in enumerate(entries):
@@ -294,27 +296,22 @@ def _skus(entries: Any, limits: Limits) -> tuple[SkuSettings, ...]:
             raise ConfigError(f"{prefix}.id is required")
         if "stock" not in entry:
             raise ConfigError(f"{prefix}.stock is required")
-        sku_id = _get(entry, f"{prefix}.id", str, None)
-        if not sku_id or len(sku_id.encode()) > limits.string_bytes_max:
-            raise ConfigError(f"{prefix}.id must be 1 to {limits.string_bytes_max} bytes")
-        if sku_id in seen:
-            raise ConfigError(f"{prefix}.id {sku_id!r} appears twice")
-        seen.add(sku_id)
-        stock = _get(entry, f"{prefix}.stock", int, 0)
-        if not 0 <= stock <= limits.stock_max:
-            raise ConfigError(f"{prefix}.stock must be from 0 to {limits.stock_max}, got {stock}")
-        per_buyer_limit = _get(entry, f"{prefix}.per_buyer_limit", int, UNCHANGED)
-        if per_buyer_limit is not UNCHANGED and not 1 <= per_buyer_limit <= limits.stock_max:
-            raise ConfigError(f"{prefix}.per_buyer_limit must be from 1 to {limits.stock_max}")
-        hold_seconds = _get(entry, f"{prefix}.hold_seconds", (int, float), UNCHANGED)
-        if hold_seconds is not UNCHANGED and hold_seconds <= 0:
-            raise ConfigError(f"{prefix}.hold_seconds must be above 0")
-        opens_at = _time(entry, f"{prefix}.opens_at")
-        closes_at = _time(entry, f"{prefix}.closes_at")
-        if opens_at is not UNCHANGED and closes_at is not UNCHANGED and closes_at <= opens_at:
-            raise ConfigError(f"{prefix}.closes_at must be after {prefix}.opens_at")
-        registration_required = _get(entry, f"{prefix}.registration_required", bool, UNCHANGED)
-        skus.append(
-            SkuSettings(sku_id, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
+        settings = SkuSettings(
+            entry["id"],
+            entry["stock"],
+            entry.get("per_buyer_limit", UNCHANGED),
+            entry.get("hold_seconds", UNCHANGED),
+            _time(entry, f"{prefix}.opens_at"),
+            _time(entry, f"{prefix}.closes_at"),
+            entry.get("registration_required", UNCHANGED),
         )
+        error = parser.put_sku_error(settings.sku, **settings.given())
+        if error:
+            # The parser names the field as put_sku does; the file calls the SKU's name `id`.
+            field, _, rest = error.partition(" ")
+            raise ConfigError(f"{prefix}.{'id' if field == 'sku' else field} {rest}")
+        if settings.sku in seen:
+            raise ConfigError(f"{prefix}.id {settings.sku!r} appears twice")
+        seen.add(settings.sku)
+        skus.append(settings)
     return tuple(skus)

@@ -14,19 +14,9 @@ import resource
 from dataclasses import dataclass
 
 from engine.server.config import ConfigError
+from protocol.limits import DESCRIPTORS_PER_SHARD, DESCRIPTORS_SPARE, SOCKETS_MIN
 
 log = logging.getLogger("soldout.descriptors")
-
-# At most open at once for one shard: its journal segment, the next segment and the
-# directory fsync that makes it durable while the old one is closed, and a snapshot's
-# temporary file (then its directory fsync), which a worker thread writes beside commits.
-DESCRIPTORS_PER_SHARD = 4
-# The rest of the process: the metrics endpoint's connections, the log, modules imported
-# late, the descriptor listing itself, and room for what a library opens unasked.
-DESCRIPTORS_SPARE = 48
-# Below this many sockets a server is not worth starting: raise the limit instead.
-SOCKETS_MIN = 8
-
 
 class DescriptorLimitTooLow(ConfigError):
     """The descriptor limit leaves too few descriptors for sockets (stops the start as a bad config does)."""

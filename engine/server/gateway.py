@@ -37,40 +37,34 @@ from engine.server.descriptors import socket_budget
 from engine.server.inflight import InflightBytes
 from engine.server.listening import open_listeners
 from engine.server.memory import MemoryReturner
-from engine.server.metrics import GatewayMetrics
+from engine.server.metrics import ServerMetrics
 from engine.server.websocket import ServerWebSocket, close_gently
-from protocol.codec import ADMIN_OPS, Frame, RemoteProtocolError, Request, ServerCodec
-from protocol.messages import BUSY, FORBIDDEN, OK
+from protocol.codec import Frame, RemoteProtocolError, ServerCodec
+from protocol.limits import (
+    ACCEPT_RETRY_SECONDS,
+    OUTBOX_FRAMES_MAX,
+    RECEIVED_FRAMES_QUEUED_MAX,
+    SHUTDOWN_CLOSE_SECONDS,
+)
+from protocol.messages import BUSY, OK, REPLY_TYPES, AnyReply, Reply, Stats, StatsReply
 
 log = logging.getLogger("soldout.gateway")
 
 ENDPOINT_PATH = "/v1"
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
-# Reply frames queued for one connection's writer; beyond it the connection's own
-# frame tasks wait, holding their in-flight count, so its reader turns to `busy`.
-OUTBOX_FRAMES_MAX = 64
-# trio-websocket's queue of received messages: none beyond the one it hands over, so a
-# connection whose reader waits for room holds at most two frames outside the bounds.
-MESSAGE_QUEUE_FRAMES = 0
-# While shutting down, a peer gets this long to answer the close frame (the grace is
-# for answering requests in flight, not for waiting on peers), and once the last
-# connection has closed the listener answers 503 this long more.
-SHUTDOWN_CLOSE_SECONDS = 0.25
-# accept() failing for want of resources is retried after this long (as trio's own
-# serve_listeners does); the descriptor budget should make it rare.
-ACCEPT_RETRY_SECONDS = 0.1
 ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    frontend: bool
+    """What a connection's token lets it do: every connection may use the frontend ops."""
+
     admin: bool
 
 
-FRONTEND = Role(frontend=True, admin=False)
-ADMIN = Role(frontend=True, admin=True)
+FRONTEND = Role(admin=False)
+ADMIN = Role(admin=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +80,11 @@ class GatewayStatistics:
 class Gateway:
     """Serves one engine over websockets; `serve` runs until cancelled or `shutdown`."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
         self.config = config
         self.limits = config.limits
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics = metrics or ServerMetrics()
         self.inflight_bytes = InflightBytes(self.limits.server_inflight_bytes_max)
         self.memory = MemoryReturner()
         self._frontend_tokens = [token.encode() for token in config.frontend_tokens]
@@ -207,7 +201,7 @@ class Gateway:
             websocket = ServerWebSocket(
                 stream,
                 max_message_size=self.limits.frame_bytes_max,
-                message_queue_size=MESSAGE_QUEUE_FRAMES,
+                message_queue_size=RECEIVED_FRAMES_QUEUED_MAX,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(websocket.read)
@@ -329,7 +323,7 @@ class Connection:
         self.metrics = gateway.metrics
         self.websocket = websocket
         self.role = role
-        self.codec = ServerCodec(gateway.limits)
+        self.codec = ServerCodec(gateway.limits, admin=role.admin)
         self.inflight = 0
         self.inflight_max = gateway.limits.inflight_requests_max
         bytes_max = gateway.limits.inflight_bytes_max
@@ -414,11 +408,11 @@ class Connection:
                 self._release(size)
                 return error.close_code, str(error)[:120]
             del message  # the decoded frame is what stays in flight
-            count = len(frame.requests)
+            count = len(frame)
             if self.inflight + count > self.inflight_max:
-                error = "too many requests in flight on this connection"
-                replies = [codec.reply_map(request, None, status=BUSY, error=error) for request in frame.requests]
-                self._tally(frame.requests, replies)
+                busy = Reply(BUSY, error="too many requests in flight on this connection")
+                replies = [busy] * count
+                self._tally(frame, replies)
                 payload = codec.encode(frame, replies)
                 self._add(len(payload))
                 self._release(size)
@@ -434,13 +428,13 @@ class Connection:
     async def _answer(
         self, frame: Frame, size: int, arrived: float, outbox: trio.MemorySendChannel[tuple[bytes, int]]
     ) -> None:
-        count = len(frame.requests)
+        count = len(frame)
         held = size
         try:
-            replies = await self._decide(frame.requests)
-            if any(request.op == "reserve" for request in frame.requests):
+            replies = await self._decide(frame)
+            if "reserve" in frame.ops:
                 self.metrics.reserve_latency(time.perf_counter() - arrived)
-            self._tally(frame.requests, replies)
+            self._tally(frame, replies)
             payload = self.codec.encode(frame, replies)
             del frame, replies  # only the payload waits for the outbox
             if len(payload) > held:
@@ -459,43 +453,25 @@ class Connection:
             if held:
                 self._release(held)
 
-    async def _decide(self, requests: Sequence[Request]) -> list[dict]:
-        codec = self.codec
-        commands = []
-        positions = []
-        replies: list[dict | None] = [None] * len(requests)
-        for position, request in enumerate(requests):
-            if request.error is not None:
-                replies[position] = codec.reply_map(request)
-            elif request.op in ADMIN_OPS and not self.role.admin:
-                replies[position] = codec.reply_map(
-                    request, None, status=FORBIDDEN, error=f"{request.op} needs an admin token"
-                )
-            elif request.command is not None:
-                commands.append(request.command)
-                positions.append(position)
-            elif request.op == "stats":
-                replies[position] = codec.reply_map(request, None, status=OK, stats=self.metrics.stats(self.engine))
-            else:  # ping
-                replies[position] = codec.reply_map(request, None, status=OK)
-        if commands:
-            try:
-                outcomes = await self.engine.execute(commands)
-            except EngineClosed:
-                outcomes = [None] * len(commands)
-            for position, outcome in zip(positions, outcomes, strict=True):
-                if outcome is None:
-                    error = "server shutting down"
-                    replies[position] = codec.reply_map(requests[position], None, status=BUSY, error=error)
-                else:
-                    replies[position] = codec.reply_map(requests[position], outcome)
-        return replies  # type: ignore[return-value]
+    async def _decide(self, frame: Frame) -> list[AnyReply]:
+        """The frame's replies: the engine decides its commands, the gateway its stats."""
+        commands = frame.commands
+        if frame.stats:
+            stats = StatsReply(OK, stats=self.metrics.stats(self.engine))
+            commands = [stats if type(command) is Stats else command for command in commands]
+        try:
+            return await self.engine.decide(commands)  # type: ignore[arg-type]
+        except EngineClosed:
+            # What was decided without a shard keeps its answer; the rest waited in vain.
+            busy = Reply(BUSY, error="server shutting down")
+            return [command if type(command) in REPLY_TYPES else busy for command in commands]  # type: ignore[misc]
 
-    def _tally(self, requests: Sequence[Request], replies: Sequence[dict]) -> None:
+    def _tally(self, frame: Frame, replies: Sequence[AnyReply]) -> None:
         tally: dict[tuple[str, str], int] = {}
-        for request, reply in zip(requests, replies, strict=True):
-            key = (request.op or "invalid", reply["status"])
-            tally[key] = tally.get(key, 0) + 1
+        get = tally.get
+        for op, reply in zip(frame.ops, replies):  # noqa: B905 (one reply per request)
+            key = (op or "invalid", reply.status)
+            tally[key] = get(key, 0) + 1
         self.metrics.answered(tally)
 
     # ------------------------------------------------------------ writing

@@ -39,7 +39,7 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
-class GatewayMetrics:
+class ServerMetrics:
     """Counters of one server process; `stats()` gives them to an admin as plain data."""
 
     def __init__(self) -> None:
@@ -235,7 +235,7 @@ class EngineView(Collector):
         yield from families.values()
         yield from holds.values()
         mailbox = GaugeMetricFamily(
-            "soldout_shard_mailbox_used", "Tickets waiting in a shard's mailbox", labels=["shard"]
+            "soldout_shard_mailbox_used", "Batches of commands waiting in a shard's mailbox", labels=["shard"]
         )
         unavailable = GaugeMetricFamily(
             "soldout_shard_unavailable", "1 while a shard cannot commit and answers unavailable", labels=["shard"]

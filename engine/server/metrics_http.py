@@ -24,11 +24,10 @@ import trio
 
 from engine.server.listening import open_listeners
 from engine.server.websocket import close_gently
+from protocol.limits import METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX
 
 log = logging.getLogger("soldout.metrics")
 
-METRICS_CONNECTIONS_MAX = 8
-REQUEST_BYTES_MAX = 16384
 RECEIVE_BYTES = 4096
 METHODS = (b"GET", b"HEAD")
 
@@ -79,7 +78,7 @@ class MetricsServer:
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         try:
-            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=REQUEST_BYTES_MAX)
+            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=METRICS_REQUEST_BYTES_MAX)
             with trio.move_on_after(self.request_seconds):
                 try:
                     request = await _read_request(stream, connection)

@@ -22,7 +22,7 @@ from engine.server.config import ConfigError, ServerConfig
 from engine.server.descriptors import descriptors_wanted, raise_descriptor_limit
 from engine.server.gateway import ENDPOINT_PATH, Gateway
 from engine.server.health import ServerHealth
-from engine.server.metrics import GatewayMetrics
+from engine.server.metrics import ServerMetrics
 from engine.server.metrics_http import MetricsServer
 from protocol.messages import UNKNOWN_SKU
 
@@ -33,7 +33,7 @@ log = logging.getLogger("soldout.server")
 class RunningServer:
     engine: Engine
     gateway: Gateway
-    metrics: GatewayMetrics
+    metrics: ServerMetrics
     host: str
     port: int
     metrics_port: int | None
@@ -54,16 +54,16 @@ async def put_configured_skus(engine: Engine, config: ServerConfig) -> None:
     """
     for index, sku in enumerate(config.skus):
         given = sku.given()
-        current = await engine.get_sku(sku.id)
+        current = await engine.get_sku(sku.sku)
         if current.status == UNKNOWN_SKU or config.apply_config_skus:
-            reply = await engine.put_sku(sku.id, **given)
+            reply = await engine.put_sku(sku.sku, **given)
             if reply.status != "ok":
-                raise ConfigError(f"sku[{index}] ({sku.id!r}): {reply.error or reply.status}")
+                raise ConfigError(f"sku[{index}] ({sku.sku!r}): {reply.error or reply.status}")
             if current.status != UNKNOWN_SKU:
-                log.info("sku %s: the config file's settings applied (--apply-config-skus)", sku.id)
+                log.info("sku %s: the config file's settings applied (--apply-config-skus)", sku.sku)
             continue
         if current.status != "ok":
-            raise ConfigError(f"sku[{index}] ({sku.id!r}): {current.error or current.status}")
+            raise ConfigError(f"sku[{index}] ({sku.sku!r}): {current.error or current.status}")
         differ = [
             f"{name} {value!r} (journal: {getattr(current, name)!r})"
             for name, value in given.items()
@@ -73,7 +73,7 @@ async def put_configured_skus(engine: Engine, config: ServerConfig) -> None:
             log.warning(
                 "sku %s exists; the config file's %s not applied (the journal keeps what was set; "
                 "--apply-config-skus applies the file)",
-                sku.id,
+                sku.sku,
                 ", ".join(differ),
             )
 
@@ -87,7 +87,7 @@ async def open_server(config: ServerConfig, health: ServerHealth | None = None) 
     """
     config.check_bind_address()
     health = health or ServerHealth()
-    metrics = GatewayMetrics()
+    metrics = ServerMetrics()
     # A failed start (a damaged journal, a refused SKU) and the caller's own exception
     # leave as themselves, not inside the nurseries' exception groups.
     failure: Exception | None = None
