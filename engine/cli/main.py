@@ -213,4 +213,3 @@ def _export(arguments: argparse.Namespace) -> int:
             holds = export(arguments.data_dir, output, selection)
     print(f"exported {holds} holds", file=sys.stderr)
     return 0
-

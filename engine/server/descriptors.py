@@ -18,6 +18,7 @@ from protocol.limits import DESCRIPTORS_PER_SHARD, DESCRIPTORS_SPARE, SOCKETS_MI
 
 log = logging.getLogger("soldout.descriptors")
 
+
 class DescriptorLimitTooLow(ConfigError):
     """The descriptor limit leaves too few descriptors for sockets (stops the start as a bad config does)."""
 
