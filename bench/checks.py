@@ -1,5 +1,9 @@
 """The end checks of a bench run: was anything oversold, did any buyer get more than the
-limit, was any hold given twice, did every buyer get an answer.
+limit, was any hold given twice, did every buyer get an answer (and for the echo
+ceiling: did every request come back as it went).
+
+Checks are about correctness only. How fast a run was is a figure the report prints;
+no speed is ever judged here.
 
 They compare what the drivers were told (every `ok` hold, every confirm and cancel)
 with what the server itself reports at the end (`stock` per SKU, and soldout's
@@ -190,6 +194,27 @@ def _checks_against_baseline(
     ]
     checks.append(_check("units sold during the run == ok confirms", not sold, _examples(sold)))
     return checks
+
+
+def check_echo_run(observed: Observed, statuses: Mapping[str, Mapping[str, int]]) -> list[Check]:
+    """The echo server sent every request back, each as it went (with no status)."""
+    from bench.targets import ECHOED
+
+    unexpected = {
+        f"{op} {status}": count
+        for op, counts in statuses.items()
+        for status, count in counts.items()
+        if status != ECHOED
+    }
+    missing = observed.crowd_buyers - observed.unsent_buyers - observed.crowd_answered
+    return [
+        _check("only echoed requests came back", not unexpected, repr(unexpected)),
+        _check(
+            "every request sent came back",
+            missing == 0 and observed.unanswered == 0,
+            f"{missing + observed.unanswered} requests sent but not echoed",
+        ),
+    ]
 
 
 def failures(checks: Sequence[Check]) -> list[str]:
