@@ -20,6 +20,8 @@ from typing import Any
 
 from bench.scenarios import Scenario, buyer_name
 
+# What a crowd of distinct buyers on an open SKU may be answered.
+CROWD_STATUSES = frozenset({"ok", "sold_out", "busy"})
 # How many offending SKUs, buyers or ids a failed check names.
 EXAMPLES_MAX = 5
 
@@ -66,6 +68,7 @@ def check_run(
     stats_skus: Mapping[str, Mapping[str, Any]] | None = None,
     stats_reserve_ok: int | None = None,
     baseline: Sequence[Counts | None] | None = None,
+    reserve_statuses: Mapping[str, int] | None = None,
 ) -> list[Check]:
     """Every check that applies to this run, passed or not.
 
@@ -76,7 +79,9 @@ def check_run(
     reserves the server's stats counted `ok` during the run. `baseline` holds the counts
     before the run of a SKU the server already had: its holds from before may end during
     the run, so the run is checked by what it added (ok replies within what was available,
-    confirms against the units sold since) rather than by totals.
+    confirms against the units sold since) rather than by totals. `reserve_statuses` counts
+    the reserve replies by status: a crowd of distinct buyers, each trying once for one
+    unit of an open SKU the bench put, can only be answered ok, sold_out or busy.
     """
     skus = scenario.skus
     assert len(demand) == len(skus) == len(counts)
@@ -147,6 +152,9 @@ def check_run(
         detail += f" ({observed.unsent_buyers} never sent: the duration cap came first)"
     checks.append(_check("every buyer sent got an answer", missing == 0 and observed.unanswered == 0, detail))
 
+    if reserve_statuses is not None and not scenario.existing_sku:
+        unexpected = {status: count for status, count in reserve_statuses.items() if status not in CROWD_STATUSES}
+        checks.append(_check("reserves answered only ok, sold_out or busy", not unexpected, repr(unexpected)))
     if stats_skus is not None:
         disagree = []
         for index, count in known:

@@ -569,6 +569,7 @@ def run_soldout(server: Server, scenario: Scenario, load: Load, label: str, *, c
         stats_skus=stats_skus,
         stats_reserve_ok=reserve_ok - start.reserve_ok,
         baseline=start.baseline,
+        reserve_statuses=merged.statuses.get("reserve", {}),
     )
     report = _report(label, "soldout", scenario, merged, checks, load)
     report.server_cpu_seconds = usage.server_cpu_seconds
@@ -675,7 +676,14 @@ def run_redis(url: str, scenario: Scenario, load: Load, label: str, *, delete_ke
             None if count is None else Counts(count.stock, count.available, count.held, count.sold)
             for count in read_stock(client, sha, prefix, scenario.skus)
         ]
-        checks = check_run(scenario, demand, merged.observed, counts, holds_expired=holds_expired)
+        checks = check_run(
+            scenario,
+            demand,
+            merged.observed,
+            counts,
+            holds_expired=holds_expired,
+            reserve_statuses=merged.statuses.get("reserve", {}),
+        )
         report = _report(label, "redis", scenario, merged, checks, load)
         report.server_cpu_seconds = usage.server_cpu_seconds
         report.machine_cpu_seconds = usage.machine_cpu_seconds
