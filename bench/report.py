@@ -550,7 +550,7 @@ def spread_table(runs: Sequence[RunReport]) -> str:
                     f"{figures['spread']:.0%}",
                 ]
             )
-    headers = ("target", "figure", "runs", "median", "min", "max", "spread")
+    headers = ("run", "figure", "runs", "median", "min", "max", "spread")
     return format_table(headers, rows, right_aligned=range(2, 7))
 
 
