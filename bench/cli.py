@@ -752,9 +752,12 @@ def run_wire(arguments: argparse.Namespace) -> int:
     }
     title = (
         f"wire: {', '.join(settings['cases'])}; {wire.buyers:,} buyers on one SKU of {wire.stock:,} per closed-loop "
-        f"case; {procs} procs, {arguments.connections} connections; open loop {wire.open_rate:,.0f}/s offered "
-        f"at {wire.open_batch}/frame for {wire.open_seconds:g} s; soak {wire.soak_seconds:g} s"
+        f"case; {procs} procs, {arguments.connections} connections"
     )
+    if any(case.open_loop and not case.soak for case in cases):
+        title += f"; open loop {wire.open_rate:,.0f}/s offered at {wire.open_batch}/frame for {wire.open_seconds:g} s"
+    if any(case.soak for case in cases):
+        title += f"; soak {wire.soak_seconds:g} s"
     print(f"{title}; {os.cpu_count()} cores, load average {_load_average()}", flush=True)
     rounds: list[list[RunReport]] = []
     with contextlib.ExitStack() as stack:

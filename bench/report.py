@@ -477,7 +477,7 @@ def ratio_line(soldout: RunReport, peer: RunReport) -> str:
         return (
             f"{soldout.label}: {share} of the echo server's rate in the same run "
             f"({rate(ours['throughput_per_second'])}/s of {rate(theirs['throughput_per_second'])}/s, "
-            f"{soldout.batch} requests per frame)"
+            f"at {soldout.batch}/frame)"
         )
     line = (
         f"{soldout.label} / {peer.label}: throughput {_times(figures['throughput'])} (higher is better), "
