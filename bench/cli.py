@@ -335,6 +335,15 @@ def finish(arguments: argparse.Namespace, settings: dict[str, Any], title: str, 
             line = ratio_spread_line([(reports[0], reports[index]) for reports in rounds])
             if line:
                 print(line)
+    return write_and_check(arguments, settings, title, rounds)
+
+
+def write_and_check(
+    arguments: argparse.Namespace, settings: dict[str, Any], title: str, rounds: list[list[RunReport]]
+) -> int:
+    """Write the JSON report and the chart when asked; print every run's checks and its
+    summary; 1 when any check failed."""
+    runs = [report for reports in rounds for report in reports]
     if arguments.json:
         Path(arguments.json).write_text(json_report(settings, runs) + "\n")
         print(f"report written to {arguments.json}")
@@ -344,20 +353,24 @@ def finish(arguments: argparse.Namespace, settings: dict[str, Any], title: str, 
             print(f"chart written to {arguments.plot}")
         except PlotUnavailable as error:
             print(f"soldout bench: {error}", file=sys.stderr)
-    broken = False
+    failed = 0
     for report in runs:
         problems = failures(report.checks) + report.merged.errors
-        if problems:
-            broken = True
-            for problem in problems:
-                print(f"{report.label}: CHECK FAILED: {problem}", file=sys.stderr)
-        else:
+        failed += len(problems)
+        for problem in problems:
+            print(f"{report.label}: CHECK FAILED: {problem}", file=sys.stderr)
+        if not problems:
             names = ", ".join(check.name for check in report.checks)
             print(f"{report.label}: all {len(report.checks)} checks passed ({names})")
     print()
     for report in runs:
         print(human_summary(report))
-    return 1 if broken else 0
+    checks = sum(len(report.checks) for report in runs)
+    if failed:
+        print(f"correctness checks FAILED: {failed} problems in {checks} checks over {len(runs)} runs")
+        return 1
+    print(f"correctness checks passed: {checks} checks over {len(runs)} runs")
+    return 0
 
 
 def _scenario(arguments: argparse.Namespace, buyers: int | None, tag: str) -> tuple[Scenario, float | None]:
@@ -862,25 +875,7 @@ def finish_wire(
         print()
         print(f"over {len(rounds)} rounds:")
         print(spread_table(runs))
-    if arguments.json:
-        Path(arguments.json).write_text(json_report(settings, runs) + "\n")
-        print(f"report written to {arguments.json}")
-    if arguments.plot:
-        try:
-            plot(rounds[0], arguments.plot, title)
-            print(f"chart written to {arguments.plot}")
-        except PlotUnavailable as error:
-            print(f"soldout bench: {error}", file=sys.stderr)
-    checks = [(report.label, check) for report in runs for check in report.checks]
-    checks += [(report.label, Check("driver error", False, error)) for report in runs for error in report.merged.errors]
-    failed = [(label, check) for label, check in checks if not check.passed]
-    for label, check in failed:
-        print(f"{label}: CHECK FAILED: {check.name}: {check.detail}", file=sys.stderr)
-    if failed:
-        print(f"correctness checks FAILED: {len(failed)} of {len(checks)}")
-        return 1
-    print(f"correctness checks passed: {len(checks)} checks over {len(runs)} runs")
-    return 0
+    return write_and_check(arguments, settings, title, rounds)
 
 
 def _load_average() -> str:

@@ -440,11 +440,14 @@ def human_summary(report: RunReport) -> str:
         if report.passed
         else f"{len(report.checks) - passed} of {len(report.checks)} checks FAILED"
     )
+    speed = f"{summary['throughput_per_second']:,.0f} requests/s, p99 {summary['latency_ms']['p99']:,.1f} ms"
+    if report.target == "echo":
+        return f"{report.label}: {summary['requests_answered']:,} requests echoed; {speed}; {verdict}"
     return (
         f"{report.label}: {report.total_stock:,} units, {report.buyers:,} buyers, {reserve.get('ok', 0):,} holds; "
         + (f"sold out after {sold_out:,.0f} ms, " if sold_out is not None else "not sold out, ")
         + (f"every buyer answered after {answered:,.0f} ms; " if answered is not None else "")
-        + f"{summary['throughput_per_second']:,.0f} requests/s, p99 {summary['latency_ms']['p99']:,.1f} ms; {verdict}"
+        + f"{speed}; {verdict}"
     )
 
 

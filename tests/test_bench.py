@@ -321,6 +321,21 @@ def test_the_duration_cap_stops_the_crowd_but_not_the_answers() -> None:
     assert work.finished
 
 
+def test_open_loop_packs_each_batch_when_due_and_the_cap_counts_the_buyers_never_packed() -> None:
+    # 3 requests per batch at 300 requests/s: a batch every 10 ms, for 25 ms.
+    work = work_for(buyers=12, batch=3, inflight=100, rate=300.0, duration_seconds=0.025, start_at=100.0)
+    assert len(work._crowd) == 1  # only the next batch is packed ahead
+    sent = [work.take(moment) for moment in (100.0, 100.01, 100.02)]
+    assert [batch.first_id for batch in sent if batch is not None] == [1, 4, 7]
+    assert work.take(100.03) is None
+    assert work.tally.unsent_buyers == 3
+    for batch in sent:
+        assert batch is not None
+        work.answered(batch, answers(batch), 100.031)
+    assert work.finished
+    assert work.tally.crowd_answered == 9
+
+
 # ---------------------------------------------------------------- merging and reporting
 
 
