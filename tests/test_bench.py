@@ -19,7 +19,7 @@ import pytest
 import trio
 from wire_helpers import ADMIN_TOKEN, FRONTEND_TOKEN, server_config
 
-from bench import cli, redis_peer
+from bench import cli, redis_peer, runs
 from bench.checks import Check, Counts, Observed, check_run, failures
 from bench.driver import (
     BUSY,
@@ -453,7 +453,7 @@ def test_the_redis_driver_has_as_many_connections_as_soldouts_each_with_one_batc
     load = Load(procs=2, connections=6, batch=50, inflight=100, rate=None, duration_seconds=None, show_progress=False)
     template = DriverSettings("soldout", "ws://x/v1", None, scenario, 0, range(0), 1, 1, 1, None, None)
     soldout = load.settings(scenario, template)
-    redis = cli.redis_load(load).settings(scenario, replace(template, target="redis"))
+    redis = runs.redis_load(load).settings(scenario, replace(template, target="redis"))
     assert sum(one.connections for one in redis) == sum(one.connections for one in soldout) == 6
     assert [one.connections for one in redis] == [one.connections for one in soldout]
     assert [one.buyers for one in redis] == [one.buyers for one in soldout]
@@ -707,12 +707,12 @@ def test_open_loop_with_a_duration_cap_ends_cleanly(tmp_path: Path, capsys: pyte
 def test_a_failed_check_makes_the_run_exit_non_zero(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real_check_run = cli.check_run
+    real_check_run = runs.check_run
 
     def with_a_broken_check(*arguments: object, **keywords: object) -> list[Check]:
         return [*real_check_run(*arguments, **keywords), Check("a planted check", False, "planted to fail")]  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cli, "check_run", with_a_broken_check)
+    monkeypatch.setattr(runs, "check_run", with_a_broken_check)
     assert cli.main([*SMALL, "--buyers", "500", "--stock", "20", "--spawn"]) == 1
     assert "CHECK FAILED: a planted check: planted to fail" in capsys.readouterr().err
 
