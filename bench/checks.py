@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.scenarios import Scenario, buyer_name
+from bench.targets import ECHOED
 
 # What a crowd of distinct buyers on an open SKU may be answered.
 CROWD_STATUSES = frozenset({"ok", "sold_out", "busy"})
@@ -206,8 +207,6 @@ def _checks_against_baseline(
 
 def check_echo_run(observed: Observed, statuses: Mapping[str, Mapping[str, int]]) -> list[Check]:
     """The echo server sent every request back, each as it went (with no status)."""
-    from bench.targets import ECHOED
-
     unexpected = {
         f"{op} {status}": count
         for op, counts in statuses.items()

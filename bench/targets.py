@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from bench.redis_peer import SCRIPT_KEYS, sku_keys
 from bench.scenarios import RESERVE_OP, Item, Plan, Scenario, SkuPlan, buyer_name, idempotency_key
 
 TARGETS = ("soldout", "echo", "redis")
@@ -99,8 +100,6 @@ def redis_encoder(
     pack_commands: Callable[[Any], list[bytes]], sha: str, prefix: str, skus: Sequence[SkuPlan]
 ) -> Encoder:
     """A batch as one pipelined write of EVALSHA calls (packed by redis-py's own packer)."""
-    from bench.redis_peer import SCRIPT_KEYS, sku_keys
-
     keys = [sku_keys(prefix, plan.sku) for plan in skus]
 
     def encode(items: Sequence[Item], first_id: int) -> bytes:
