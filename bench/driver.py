@@ -1,18 +1,19 @@
-"""Load-driver processes: each drives its share of the crowd over its share of connections.
+"""The load driver: each driver process drives its share of the crowd over its share of connections.
 
-The parent (bench/flash.py) starts the drivers with multiprocessing's 'spawn' context.
-Each one rebuilds the scenario's plan (deterministic for the seed), takes its buyers,
-opens its connections, says it is ready, waits for the start time the parent gives
-every driver, drives, and sends back a `DriverResult`: replies by status, an HDR
-latency histogram (encoded, so the parent can merge them), a timeline, and every `ok`
-hold it was given, which the end checks need.
+The orchestrator (bench/orchestrator.py) starts the drivers with multiprocessing's 'spawn'
+context. Each one rebuilds the scenario's plan (deterministic for the seed), takes its
+buyers, opens its connections, says it is ready, waits for the start time the
+orchestrator gives every driver, drives, and sends back a `DriverResult`: replies by
+status, an HDR latency histogram (encoded, so the parent can merge them), a timeline, and
+every `ok` hold it was given, which the end checks need.
 
 `ConnectionWork` is the driving logic without I/O: which batch goes next (winners'
 follow-ups and `busy` retries first, then the crowd, on schedule in open loop, within
-the in-flight window) and what each answer means. The soldout transport below (trio,
-trio-websocket, msgpack frames) and the Redis one in bench/redis_peer.py (asyncio,
-redis-py, EVALSHA pipelines) are thin loops around it, so both peers are driven the
-same way: same buyers, same batches, same connections, same window.
+the in-flight window) and what each answer means. Two thin loops drive it: one over
+websockets (trio, trio-websocket) for soldout and the echo server, one over Redis
+connections (asyncio, redis-py) for the peer; the bytes on the wire are the targets'
+(bench/targets.py). So every target is driven the same way: same buyers, same batches,
+same connections, same window.
 
 Latency is measured per request from its *intended* send time: in open loop the
 schedule's time, so a server that falls behind is charged for the wait
@@ -21,6 +22,7 @@ schedule's time, so a server that falls behind is charged for the wait
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections import deque
@@ -28,17 +30,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from hdrh.histogram import HdrHistogram
 
-from bench.scenarios import CANCEL, CONFIRM, Plan, Scenario
+from bench.scenarios import CANCEL, CANCEL_OP, CONFIRM, CONFIRM_OP, RESERVE_OP, Item, Plan, Scenario, split
+from bench.targets import Answer, Encoder, redis_answer, redis_encoder, soldout_encoder, websocket_answers
 
-RESERVE_OP = "reserve"
-CONFIRM_OP = "confirm"
-CANCEL_OP = "cancel"
+__all__ = ["CANCEL_OP", "CONFIRM_OP", "RESERVE_OP", "Answer", "Item"]
+
 FOLLOW_UP_OPS = {CONFIRM: CONFIRM_OP, CANCEL: CANCEL_OP}
 OK = "ok"
 BUSY = "busy"
+SOLD_OUT = "sold_out"
 # A reply the transport could not read as a reply (a Redis script error, say).
 ERROR = "error"
 
@@ -55,12 +57,6 @@ FRAME_BYTES_MAX = 64 * 1024 * 1024
 # Per driver process, these counters in a shared array feed the live progress line.
 PROGRESS_FIELDS = ("sent", "answered", "won", "sold")
 
-# (op, buyer number, SKU index, reservation or None)
-Item = tuple[str, int, int, str | None]
-# (status, reservation or None, remaining or None)
-Answer = tuple[str, str | None, int | None]
-Encoder = Callable[[Sequence[Item], int], bytes]
-
 
 def new_histogram() -> HdrHistogram:
     return HdrHistogram(LATENCY_LOWEST_MICROSECONDS, LATENCY_HIGHEST_MICROSECONDS, LATENCY_SIGNIFICANT_FIGURES)
@@ -68,7 +64,7 @@ def new_histogram() -> HdrHistogram:
 
 @dataclass(frozen=True)
 class DriverSettings:
-    target: str  # "soldout" or "redis"
+    target: str  # "soldout", "echo" or "redis"
     url: str
     token: str | None
     scenario: Scenario
@@ -98,6 +94,9 @@ class DriverResult:
     answered_per_bucket: list[int]
     # Units taken by ok reserves minus units given back by ok cancels, per bucket.
     held_per_bucket: list[int]
+    # Reserves answered ok, and answered sold_out, per bucket.
+    ok_per_bucket: list[int]
+    sold_out_per_bucket: list[int]
     # Per bucket, the fewest units left that an ok reserve of the first SKU reported:
     # the units left as the server saw them, units given back by expiry included.
     remaining_per_bucket: list[int | None]
@@ -133,6 +132,8 @@ class Tally:
         self.statuses: dict[str, dict[str, int]] = {RESERVE_OP: {}, CONFIRM_OP: {}, CANCEL_OP: {}}
         self.answered_per_bucket: list[int] = []
         self.held_per_bucket: list[int] = []
+        self.ok_per_bucket: list[int] = []
+        self.sold_out_per_bucket: list[int] = []
         # Per bucket, the fewest units left that an ok reserve of the first SKU reported.
         self.remaining_per_bucket: list[int | None] = []
         self.first_send_at: float | None = None
@@ -161,6 +162,8 @@ class Tally:
         while len(self.answered_per_bucket) <= index:
             self.answered_per_bucket.append(0)
             self.held_per_bucket.append(0)
+            self.ok_per_bucket.append(0)
+            self.sold_out_per_bucket.append(0)
             self.remaining_per_bucket.append(None)
         return index
 
@@ -180,6 +183,8 @@ class Tally:
             histogram=self.histogram.encode(),
             answered_per_bucket=self.answered_per_bucket,
             held_per_bucket=self.held_per_bucket,
+            ok_per_bucket=self.ok_per_bucket,
+            sold_out_per_bucket=self.sold_out_per_bucket,
             remaining_per_bucket=self.remaining_per_bucket,
             first_send_at=self.first_send_at,
             last_answer_at=self.last_answer_at,
@@ -235,12 +240,19 @@ class ConnectionWork:
         self.inflight_max = inflight
         self.inflight = 0
         self._next_id = 1
-        # The crowd goes out in fixed batches, packed before the clock starts.
+        # The crowd goes out in fixed batches. In closed loop they are packed before the
+        # clock starts; in open loop, which waits between batches anyway, each is packed
+        # when it is due, so a long soak does not hold its whole crowd packed in memory.
         self._crowd: deque[Batch] = deque()
-        for number, start in enumerate(range(0, len(crowd), batch)):
-            items = crowd[start : start + batch]
-            first_id = self._take_ids(len(items))
-            self._crowd.append(Batch(items, first_id, encode(items, first_id), crowd_number=number))
+        self._unpacked = crowd
+        self._unpacked_next = 0
+        self._pack_ahead = not rate
+        self._crowd_numbers = 0
+        if self._pack_ahead:
+            while self._unpacked_next < len(crowd):
+                self._crowd.append(self._pack_next())
+        elif crowd:
+            self._crowd.append(self._pack_next())
         tally.crowd_buyers += len(crowd)
         # Winners' confirms and cancels, and reserves answered busy, wait here: (item, ready at).
         self._follow_ups: deque[tuple[Item, float]] = deque()
@@ -257,6 +269,18 @@ class ConnectionWork:
         self.tally.start_at = start_at
         if self._duration_seconds is not None:
             self.deadline = start_at + self._duration_seconds
+
+    def _pack_next(self) -> Batch:
+        start = self._unpacked_next
+        items = self._unpacked[start : start + self.batch]
+        self._unpacked_next = start + len(items)
+        first_id = self._take_ids(len(items))
+        number = self._crowd_numbers
+        self._crowd_numbers += 1
+        return Batch(items, first_id, self.encode(items, first_id), crowd_number=number)
+
+    def _crowd_left(self) -> int:
+        return sum(len(batch.items) for batch in self._crowd) + len(self._unpacked) - self._unpacked_next
 
     def _take_ids(self, count: int) -> int:
         first = self._next_id
@@ -286,8 +310,9 @@ class ConnectionWork:
             return None
         if self.deadline is not None and now >= self.deadline:
             # The duration cap: the rest of the crowd never arrives.
-            self.tally.unsent_buyers += sum(len(batch.items) for batch in self._crowd)
+            self.tally.unsent_buyers += self._crowd_left()
             self._crowd.clear()
+            self._unpacked_next = len(self._unpacked)
             return None
         batch = self._crowd[0]
         intended = self._intended(batch)
@@ -296,6 +321,8 @@ class ConnectionWork:
         if not self._room_for(len(batch.items)):
             return None
         self._crowd.popleft()
+        if not self._crowd and self._unpacked_next < len(self._unpacked):
+            self._crowd.append(self._pack_next())
         batch.intended_at = intended if intended is not None else now
         return self._sending(batch, now)
 
@@ -340,6 +367,8 @@ class ConnectionWork:
         answered = 0
         held = 0
         won = 0
+        ok_reserves = 0
+        sold_out = 0
         fewest_remaining = None
         crowd_answered = 0
         for item, (status, reservation, remaining) in zip(items, answers, strict=True):
@@ -354,10 +383,13 @@ class ConnectionWork:
             answered += 1
             if op == RESERVE_OP:
                 crowd_answered += 1
-                if status == OK:
+                if status == SOLD_OUT:
+                    sold_out += 1
+                elif status == OK:
                     sku = item[2]
                     held += 1
                     won += 1
+                    ok_reserves += 1
                     tally.holds.append((sku, item[1], reservation))  # type: ignore[arg-type]
                     if sku == 0 and remaining is not None:
                         fewest_remaining = remaining
@@ -378,6 +410,8 @@ class ConnectionWork:
         tally.won += won
         tally.answered_per_bucket[bucket] += answered
         tally.held_per_bucket[bucket] += held
+        tally.ok_per_bucket[bucket] += ok_reserves
+        tally.sold_out_per_bucket[bucket] += sold_out
         if fewest_remaining is not None:
             # A batch is decided in order, so its last ok left the fewest units.
             current = tally.remaining_per_bucket[bucket]
@@ -392,9 +426,10 @@ class ConnectionWork:
     def abandon(self) -> int:
         """Give up on everything not answered; returns how many requests that was."""
         lost = self.inflight + len(self._follow_ups)
-        self.tally.unsent_buyers += sum(len(batch.items) for batch in self._crowd)
+        self.tally.unsent_buyers += self._crowd_left()
         self.tally.unanswered += lost
         self._crowd.clear()
+        self._unpacked_next = len(self._unpacked)
         self._follow_ups.clear()
         self.inflight = 0
         return lost
@@ -405,11 +440,26 @@ def crowd_items(plan: Plan, buyers: range) -> list[Item]:
     return [(RESERVE_OP, number, sku_indexes[number], None) for number in buyers]
 
 
-def connection_shares(settings: DriverSettings, plan: Plan) -> list[list[Item]]:
-    """This driver's buyers, cut into one contiguous share per connection."""
-    from bench.scenarios import split
+class Crowd(Sequence[Item]):
+    """A connection's buyers as the crowd's requests, made as they are sliced off."""
 
-    return [crowd_items(plan, share) for share in split(settings.buyers, settings.connections)]
+    def __init__(self, plan: Plan, buyers: range) -> None:
+        self.plan = plan
+        self.buyers = buyers
+
+    def __len__(self) -> int:
+        return len(self.buyers)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return crowd_items(self.plan, self.buyers[index])
+        number = self.buyers[index]
+        return (RESERVE_OP, number, self.plan.sku_indexes[number], None)
+
+
+def connection_shares(settings: DriverSettings, plan: Plan) -> list[Crowd]:
+    """This driver's buyers, cut into one contiguous share per connection."""
+    return [Crowd(plan, share) for share in split(settings.buyers, settings.connections)]
 
 
 def connection_phase(settings: DriverSettings, number: int) -> float:
@@ -418,9 +468,9 @@ def connection_phase(settings: DriverSettings, number: int) -> float:
 
 
 def connection_work(
-    settings: DriverSettings, plan: Plan, encode: Encoder, tally: Tally, number: int, share: list[Item]
+    settings: DriverSettings, plan: Plan, encode: Encoder, tally: Tally, number: int, share: Sequence[Item]
 ) -> ConnectionWork:
-    """The work of this driver's connection `number`, for soldout and for the Redis peer alike."""
+    """The work of this driver's connection `number`, for every target alike."""
     return ConnectionWork(
         share,
         plan,
@@ -434,64 +484,10 @@ def connection_work(
     )
 
 
-# ---------------------------------------------------------------- soldout over websockets
+# ---------------------------------------------------------------- soldout and echo, over websockets
 
 
-def soldout_encoder(plan: Plan) -> Encoder:
-    sku_names = [sku.sku for sku in plan.scenario.skus]
-    buyer_of, key_of = plan.buyer, plan.key
-    packb = msgpack.packb
-
-    def encode(items: Sequence[Item], first_id: int) -> bytes:
-        maps = []
-        for offset, (op, buyer, sku, reservation) in enumerate(items):
-            if op == RESERVE_OP:
-                maps.append(
-                    {
-                        "id": first_id + offset,
-                        "op": RESERVE_OP,
-                        "sku": sku_names[sku],
-                        "buyer": buyer_of(buyer),
-                        "qty": 1,
-                        "key": key_of(buyer),
-                    }
-                )
-            else:
-                maps.append({"id": first_id + offset, "op": op, "reservation": reservation, "buyer": buyer_of(buyer)})
-        # Always an array: one batch frame per batch, even a batch of one.
-        return packb(maps)
-
-    return encode
-
-
-class ProtocolBreach(Exception):
-    """The server answered something the driver cannot match to what it sent."""
-
-
-def soldout_answers(payload: bytes, outstanding: dict[int, Batch]) -> tuple[Batch, list[Answer]]:
-    """The batch a reply frame answers, and its answers in request order."""
-    replies = msgpack.unpackb(payload)
-    if isinstance(replies, dict):
-        replies = [replies]
-    if not replies or not isinstance(replies, list):
-        raise ProtocolBreach(f"reply frame is not a non-empty array of maps: {replies!r:.200}")
-    first_id = replies[0].get("id")
-    batch = outstanding.pop(first_id, None)  # type: ignore[arg-type]
-    if batch is None:
-        raise ProtocolBreach(f"reply for an id that is not in flight: {replies[0]!r:.200}")
-    if len(replies) != len(batch.items):
-        raise ProtocolBreach(f"{len(replies)} replies for a batch of {len(batch.items)}")
-    answers = []
-    expected_id = first_id
-    for reply in replies:
-        if reply.get("id") != expected_id:
-            raise ProtocolBreach(f"reply id {reply.get('id')!r} where {expected_id} was due")
-        expected_id += 1
-        answers.append((reply["status"], reply.get("reservation"), reply.get("remaining")))
-    return batch, answers
-
-
-async def drive_soldout(settings: DriverSettings, plan: Plan, tally: Tally, started: Callable[[], Any]) -> list[str]:
+async def drive_websockets(settings: DriverSettings, plan: Plan, tally: Tally, started: Callable[[], Any]) -> list[str]:
     """Open the connections, wait for the start (`started` blocks until then), drive them all."""
     import trio
 
@@ -515,7 +511,7 @@ async def drive_soldout(settings: DriverSettings, plan: Plan, tally: Tally, star
         tally.cpu_started_at = time.process_time()
         async with trio.open_nursery() as driving:
             for work, (websocket, _) in zip(works, websockets, strict=True):
-                driving.start_soon(_drive_one_soldout, websocket, work, errors)
+                driving.start_soon(_drive_one_websocket, websocket, work, errors)
         for _, close in websockets:
             close.set()
     return errors
@@ -532,7 +528,7 @@ async def _open_websocket(url: str, headers: list, *, task_status: Any) -> None:
         await close.wait()
 
 
-async def _drive_one_soldout(websocket: Any, work: ConnectionWork, errors: list[str]) -> None:
+async def _drive_one_websocket(websocket: Any, work: ConnectionWork, errors: list[str]) -> None:
     import trio
 
     outstanding: dict[int, Batch] = {}
@@ -563,7 +559,8 @@ async def _drive_one_soldout(websocket: Any, work: ConnectionWork, errors: list[
             while not work.finished:
                 payload = await websocket.get_message()
                 now = time.monotonic()
-                batch, answers = soldout_answers(payload, outstanding)
+                first_id, answers = websocket_answers(payload, outstanding)
+                batch = outstanding.pop(first_id)
                 work.answered(batch, answers, now)
                 changed[0].set()
 
@@ -582,6 +579,102 @@ def _trio_time(monotonic: float) -> float:
     import trio
 
     return trio.current_time() + (monotonic - time.monotonic())
+
+
+# ---------------------------------------------------------------- the Redis peer, over its own connections
+
+
+async def drive_redis(settings: DriverSettings, plan: Plan, tally: Tally, started: Callable[[], Any]) -> list[str]:
+    """As `drive_websockets`: the same shares, batches, window and schedule; one Redis
+    connection per soldout connection, each with its pipelined batches in flight."""
+    import asyncio
+
+    from redis.asyncio.connection import Connection, parse_url
+    from redis.exceptions import ResponseError
+
+    options = parse_url(settings.url)
+    connections = []
+    works = []
+    for number, share in enumerate(connection_shares(settings, plan)):
+        connection = Connection(
+            host=options.get("host", "127.0.0.1"),
+            port=options.get("port", 6379),
+            db=options.get("db", 0),
+            password=options.get("password"),
+            username=options.get("username"),
+            decode_responses=True,
+        )
+        await connection.connect()
+        connections.append(connection)
+        encode = redis_encoder(
+            connection.pack_commands, settings.script_sha, settings.redis_prefix, settings.scenario.skus
+        )
+        works.append(connection_work(settings, plan, encode, tally, number, share))
+    start_at = await asyncio.to_thread(started)
+    for work in works:
+        work.begin(start_at)
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    tally.cpu_started_at = time.process_time()
+    errors: list[str] = []
+
+    async def drive_one(connection: Any, work: ConnectionWork) -> None:
+        sent: deque[Any] = deque()
+        # The sender waits for answers (window full, or nothing left but answers to come);
+        # the receiver waits for something to be sent.
+        answered = [asyncio.Event()]
+        batch_sent = [asyncio.Event()]
+
+        async def send() -> None:
+            while True:
+                batch = work.take(time.monotonic())
+                if batch is not None:
+                    sent.append(batch)
+                    batch_sent[0].set()
+                    await connection.send_packed_command(batch.payload, check_health=False)
+                    continue
+                if work.finished:
+                    batch_sent[0].set()
+                    return
+                wake = work.wake_at()
+                event = answered[0] = asyncio.Event()
+                timeout = None if wake is None else max(0.0, wake - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+
+        async def receive() -> None:
+            while not work.finished:
+                if not sent:
+                    event = batch_sent[0] = asyncio.Event()
+                    await event.wait()
+                    continue
+                batch = sent.popleft()
+                answers = []
+                for _ in batch.items:
+                    try:
+                        answers.append(redis_answer(await connection.read_response()))
+                    except ResponseError as error:
+                        answers.append((ERROR, None, None))
+                        if len(errors) < 10:
+                            errors.append(f"Redis error: {error}")
+                work.answered(batch, answers, time.monotonic())
+                answered[0].set()
+
+        give_up = None if work.deadline is None else work.deadline + ANSWER_GRACE_SECONDS - time.monotonic()
+        try:
+            async with asyncio.timeout(give_up):
+                await asyncio.gather(send(), receive())
+        except TimeoutError:
+            if not work.finished:
+                lost = work.abandon()
+                errors.append(f"{lost} requests still unanswered {ANSWER_GRACE_SECONDS:.0f} s after the duration cap")
+
+    try:
+        pairs = zip(connections, works, strict=True)
+        await asyncio.gather(*(drive_one(connection, work) for connection, work in pairs))
+    finally:
+        for connection in connections:
+            await connection.disconnect()
+    return errors
 
 
 # ---------------------------------------------------------------- the process
@@ -605,16 +698,14 @@ def process_main(
                 raise TimeoutError("the bench never gave the start signal")
             return start_value.value
 
-        if settings.target == "soldout":
-            import trio
-
-            errors = trio.run(drive_soldout, settings, plan, tally, started)
-        else:
+        if settings.target == "redis":
             import asyncio
 
-            from bench.redis_peer import drive_redis
-
             errors = asyncio.run(drive_redis(settings, plan, tally, started))
+        else:
+            import trio
+
+            errors = trio.run(drive_websockets, settings, plan, tally, started)
         if tally.cpu_started_at is not None:
             tally.cpu_seconds = time.process_time() - tally.cpu_started_at
         messages.put(("result", settings.index, tally.result(settings.index, errors)))

@@ -3,6 +3,7 @@
     python -m bench.embedded             # every case, 200,000 requests each
     python -m bench.embedded --quick     # small sizes: a smoke run
     python -m bench.embedded --case batch-hot-memory   # one case, in this process (to profile it)
+    soldout bench embedded --quick       # the same, from the soldout command
 
 Each case (mode x workload x storage) runs in a fresh child process, so its figures and
 its peak RSS reflect that case alone. Modes: `call` is one `engine.reserve` per call
@@ -16,7 +17,8 @@ time its reopening, each reporting its own peak RSS.
 
 Every case checks its outcome — held + sold <= stock for every SKU, exactly the number
 of ok replies that stock and demand allow, holds counted once — and the run exits
-non-zero when a check fails. Speed is reported against the targets, never asserted.
+non-zero when a check fails. Speed is printed as figures and ratios (durable over
+memory-only), never judged: what the figures should reach is for the README and the notes.
 """
 
 from __future__ import annotations
@@ -69,17 +71,6 @@ LIVE_HOLDS_QUICK = 10_000
 LIVE_HOLDS_SKUS_MAX = 1000
 # Long enough that no live hold expires while the benchmark runs or reopens.
 LIVE_HOLD_SECONDS = 30 * 86400
-
-# The targets of issue 2, on a 2-core machine.
-TARGET_DECISIONS_PER_SECOND = {
-    ("batch", "hot"): 1_000_000,
-    ("batch", "spread"): 300_000,
-    ("call", "hot"): 50_000,
-    ("call", "spread"): 50_000,
-}
-TARGET_DURABLE_RATIO = 0.70
-TARGET_PEAK_RSS_KIBIBYTES = 1024 * 1024
-TARGET_REOPEN_SECONDS = 5.0
 
 
 def case_name(mode: str, workload: str, storage: str) -> str:
@@ -422,10 +413,6 @@ def _print_result(result: dict[str, Any]) -> int:
 # ---------------------------------------------------------------- the report
 
 
-def _met(reached: bool) -> str:
-    return "yes" if reached else "NO"
-
-
 def mode_title(mode: str, batch_tasks: int) -> str:
     if mode == "call":
         return f"reserve, {CALL_TASKS:,} tasks"
@@ -441,13 +428,6 @@ def case_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
                 if result is None or "decisions_per_second" not in result:
                     continue
                 figure = result["decisions_per_second"]
-                if storage == "memory":
-                    target = TARGET_DECISIONS_PER_SECOND[mode, workload]
-                    target_text = rate(target)
-                else:
-                    memory = results.get(case_name(mode, workload, "memory"), {}).get("decisions_per_second")
-                    target = TARGET_DURABLE_RATIO * memory if memory else float("nan")
-                    target_text = f"{rate(target)} (70%)" if memory else "-"
                 rows.append(
                     [
                         mode_title(mode, batch_tasks),
@@ -455,8 +435,6 @@ def case_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
                         storage,
                         rate(figure),
                         f"{rate(result['decisions_per_second_min'])}-{rate(result['decisions_per_second_max'])}",
-                        target_text,
-                        _met(figure >= target),
                         f"{result['ok']:,}",
                         f"{result['requests']:,}",
                         f"{result['elapsed_seconds']:.3f}",
@@ -472,8 +450,6 @@ def case_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
         "storage",
         "decisions/s",
         "range of runs",
-        "target",
-        "met",
         "ok",
         "requests",
         "elapsed s",
@@ -482,7 +458,7 @@ def case_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
         "peak RSS MiB",
         "checks",
     ]
-    return format_table(headers, rows, right_aligned=(3, 4, 5, 7, 8, 9, 10, 11, 12))
+    return format_table(headers, rows, right_aligned=(3, 4, 5, 6, 7, 8, 9, 10))
 
 
 def ratio_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
@@ -493,37 +469,21 @@ def ratio_table(results: dict[str, dict[str, Any]], batch_tasks: int) -> str:
             durable = results.get(case_name(mode, workload, "durable"), {}).get("decisions_per_second")
             if not memory or not durable:
                 continue
-            ratio = durable / memory
-            rows.append(
-                [
-                    mode_title(mode, batch_tasks),
-                    WORKLOAD_TITLES[workload],
-                    f"{ratio:.2f}",
-                    f"{TARGET_DURABLE_RATIO:.2f}",
-                    _met(ratio >= TARGET_DURABLE_RATIO),
-                ]
-            )
-    return format_table(["mode", "workload", "durable/memory", "target", "met"], rows, right_aligned=(2, 3))
+            rows.append([mode_title(mode, batch_tasks), WORKLOAD_TITLES[workload], f"{durable / memory:.2f}"])
+    return format_table(["mode", "workload", "durable/memory"], rows, right_aligned=(2,))
 
 
 def holds_report(base: dict[str, Any], created: dict[str, Any], reopened: dict[str, Any]) -> str:
-    rss_target = mebibytes(TARGET_PEAK_RSS_KIBIBYTES)
     rows = []
     if "peak_rss_kibibytes" in base:
-        rows.append(
-            ["engine imported, nothing else", "-", "-", "-", "-", mebibytes(base["peak_rss_kibibytes"]), "-", "-"]
-        )
+        rows.append(["engine imported, nothing else", "-", "-", mebibytes(base["peak_rss_kibibytes"])])
     if "seconds" in created:
         rows.append(
             [
                 f"create {created['holds']:,} live holds (execute x100, no fsync)",
                 f"{created['seconds']:.2f}",
                 f"{created['cpu_seconds']:.2f}",
-                "-",
-                "-",
                 mebibytes(created["peak_rss_kibibytes"]),
-                rss_target,
-                _met(created["peak_rss_kibibytes"] <= TARGET_PEAK_RSS_KIBIBYTES),
             ]
         )
     if "seconds" in reopened:
@@ -532,15 +492,11 @@ def holds_report(base: dict[str, Any], created: dict[str, Any], reopened: dict[s
                 f"reopen the data_dir of {reopened['holds']:,} live holds",
                 f"{reopened['seconds']:.2f}",
                 f"{reopened['cpu_seconds']:.2f}",
-                f"{TARGET_REOPEN_SECONDS:.0f}",
-                _met(reopened["seconds"] <= TARGET_REOPEN_SECONDS),
                 mebibytes(reopened["peak_rss_kibibytes"]),
-                rss_target,
-                _met(reopened["peak_rss_kibibytes"] <= TARGET_PEAK_RSS_KIBIBYTES),
             ]
         )
-    headers = ["process", "seconds", "CPU s", "target s", "met", "peak RSS MiB", "target MiB", "met"]
-    return format_table(headers, rows, right_aligned=(1, 2, 3, 5, 6))
+    headers = ["process", "seconds", "CPU s", "peak RSS MiB"]
+    return format_table(headers, rows, right_aligned=(1, 2, 3))
 
 
 # ---------------------------------------------------------------- the command

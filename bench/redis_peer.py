@@ -15,9 +15,8 @@ the sorted set is read only when one is due), giving its units back to the SKU a
 its buyer (a key with PEXPIRE could not give the units back). The clock is Redis's own
 (TIME), unless a call passes `now`, which is how the tests drive expiry without sleeping.
 
-Also here: starting a throwaway redis-server for a run, and the Redis load driver
-(asyncio with redis-py connections, requests packed before the clock starts, as the
-soldout driver packs its frames).
+Also here: starting a throwaway redis-server for a run. The bytes the load driver sends
+are bench/targets.py's, its loop is bench/driver.py's; nothing here imports either.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -362,137 +360,3 @@ def _read_log(directory: str) -> str:
             return log.read()[-2000:]
     except OSError:
         return ""
-
-
-# ---------------------------------------------------------------- the Redis load driver
-
-
-def redis_encoder(connection: Any, sha: str, prefix: str, skus: Sequence[SkuPlan]) -> Any:
-    """Packs a batch into one pipelined write of EVALSHA calls (redis-py's own packer)."""
-    from bench.driver import RESERVE_OP, Item
-    from bench.scenarios import buyer_name, idempotency_key
-
-    keys = [sku_keys(prefix, plan.sku) for plan in skus]
-    pack_commands = connection.pack_commands
-
-    def encode(items: Sequence[Item], first_id: int) -> bytes:
-        commands = []
-        for op, buyer, sku, reservation in items:
-            if op == RESERVE_OP:
-                commands.append(
-                    (
-                        "EVALSHA",
-                        sha,
-                        SCRIPT_KEYS,
-                        *keys[sku],
-                        RESERVE_OP,
-                        "",
-                        buyer_name(buyer),
-                        1,
-                        idempotency_key(buyer),
-                    )
-                )
-            else:
-                commands.append(("EVALSHA", sha, SCRIPT_KEYS, *keys[sku], op, "", reservation, buyer_name(buyer)))
-        return b"".join(pack_commands(commands))
-
-    return encode
-
-
-def redis_answer(reply: Any) -> tuple[str, str | None, int | None]:
-    status = reply[0]
-    if status == "ok" and len(reply) == 4:
-        return status, reply[1], reply[3]
-    return status, None, None
-
-
-async def drive_redis(settings: Any, plan: Any, tally: Any, started: Callable[[], Any]) -> list[str]:
-    """The Redis twin of bench.driver.drive_soldout: same shares, batches, window and schedule."""
-    import asyncio
-
-    from redis.asyncio.connection import Connection, parse_url
-    from redis.exceptions import ResponseError
-
-    from bench.driver import ANSWER_GRACE_SECONDS, ERROR, ConnectionWork, connection_shares, connection_work
-
-    options = parse_url(settings.url)
-    connections = []
-    works = []
-    for number, share in enumerate(connection_shares(settings, plan)):
-        connection = Connection(
-            host=options.get("host", "127.0.0.1"),
-            port=options.get("port", 6379),
-            db=options.get("db", 0),
-            password=options.get("password"),
-            username=options.get("username"),
-            decode_responses=True,
-        )
-        await connection.connect()
-        connections.append(connection)
-        encode = redis_encoder(connection, settings.script_sha, settings.redis_prefix, settings.scenario.skus)
-        works.append(connection_work(settings, plan, encode, tally, number, share))
-    start_at = await asyncio.to_thread(started)
-    for work in works:
-        work.begin(start_at)
-    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-    tally.cpu_started_at = time.process_time()
-    errors: list[str] = []
-
-    async def drive_one(connection: Any, work: ConnectionWork) -> None:
-        sent: deque[Any] = deque()
-        # The sender waits for answers (window full, or nothing left but answers to come);
-        # the receiver waits for something to be sent.
-        answered = [asyncio.Event()]
-        batch_sent = [asyncio.Event()]
-
-        async def send() -> None:
-            while True:
-                batch = work.take(time.monotonic())
-                if batch is not None:
-                    sent.append(batch)
-                    batch_sent[0].set()
-                    await connection.send_packed_command(batch.payload, check_health=False)
-                    continue
-                if work.finished:
-                    batch_sent[0].set()
-                    return
-                wake = work.wake_at()
-                event = answered[0] = asyncio.Event()
-                timeout = None if wake is None else max(0.0, wake - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
-
-        async def receive() -> None:
-            while not work.finished:
-                if not sent:
-                    event = batch_sent[0] = asyncio.Event()
-                    await event.wait()
-                    continue
-                batch = sent.popleft()
-                answers = []
-                for _ in batch.items:
-                    try:
-                        answers.append(redis_answer(await connection.read_response()))
-                    except ResponseError as error:
-                        answers.append((ERROR, None, None))
-                        if len(errors) < 10:
-                            errors.append(f"Redis error: {error}")
-                work.answered(batch, answers, time.monotonic())
-                answered[0].set()
-
-        give_up = None if work.deadline is None else work.deadline + ANSWER_GRACE_SECONDS - time.monotonic()
-        try:
-            async with asyncio.timeout(give_up):
-                await asyncio.gather(send(), receive())
-        except TimeoutError:
-            if not work.finished:
-                lost = work.abandon()
-                errors.append(f"{lost} requests still unanswered {ANSWER_GRACE_SECONDS:.0f} s after the duration cap")
-
-    try:
-        pairs = zip(connections, works, strict=True)
-        await asyncio.gather(*(drive_one(connection, work) for connection, work in pairs))
-    finally:
-        for connection in connections:
-            await connection.disconnect()
-    return errors

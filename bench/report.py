@@ -1,21 +1,25 @@
 """Benchmark reports: plain-text tables (no colours, no terminal tricks, so a report pastes
-into a note or a CI log as it printed), and for `soldout bench` the merge of the driver
-processes' results (HDR histograms travel encoded and are added up here), the summary
-of a run, the JSON report and the optional PNG chart (matplotlib, imported only when a
-chart is asked for).
+into a note or a CI log as it printed), the merge of the driver processes' results (HDR
+histograms travel encoded and are added up here), the summary of a run, the ratios
+between targets of the same run, the spread of a figure over `--repeat` runs, the JSON
+report and the optional PNG chart (matplotlib, imported only when a chart is asked for).
+
+Figures and ratios only: no target, no "met". What a figure should reach is for the
+README and the notes, not for this code.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from bench.checks import Check, Observed
 from bench.driver import BUCKET_SECONDS, DriverResult, new_histogram
-from bench.verify import Check, Observed
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: Sequence[int] = ()) -> str:
@@ -65,6 +69,8 @@ class Merged:
     histogram: HdrHistogram
     answered_per_bucket: list[int]
     held_per_bucket: list[int]
+    ok_per_bucket: list[int]
+    sold_out_per_bucket: list[int]
     remaining_per_bucket: list[int | None]
     first_send_at: float | None
     last_answer_at: float | None
@@ -92,6 +98,8 @@ def merge(results: Sequence[DriverResult]) -> Merged:
     statuses: dict[str, dict[str, int]] = {}
     answered_per_bucket: list[int] = []
     held_per_bucket: list[int] = []
+    ok_per_bucket: list[int] = []
+    sold_out_per_bucket: list[int] = []
     remaining_per_bucket: list[int | None] = []
     sold_out_at: dict[int, float] = {}
     holds: list[tuple[int, int, str]] = []
@@ -106,6 +114,8 @@ def merge(results: Sequence[DriverResult]) -> Merged:
                 merged[status] = merged.get(status, 0) + count
         _add_into(answered_per_bucket, result.answered_per_bucket)
         _add_into(held_per_bucket, result.held_per_bucket)
+        _add_into(ok_per_bucket, result.ok_per_bucket)
+        _add_into(sold_out_per_bucket, result.sold_out_per_bucket)
         _fewest_into(remaining_per_bucket, result.remaining_per_bucket)
         for sku, at in result.sold_out_at.items():
             sold_out_at[sku] = min(at, sold_out_at.get(sku, at))
@@ -129,6 +139,8 @@ def merge(results: Sequence[DriverResult]) -> Merged:
         histogram=histogram,
         answered_per_bucket=answered_per_bucket,
         held_per_bucket=held_per_bucket,
+        ok_per_bucket=ok_per_bucket,
+        sold_out_per_bucket=sold_out_per_bucket,
         remaining_per_bucket=remaining_per_bucket,
         first_send_at=_earliest(result.first_send_at for result in results),
         last_answer_at=_latest(result.last_answer_at for result in results),
@@ -185,6 +197,14 @@ class RunReport:
     # CPU the server spent during the run, when the bench can read it (a server it
     # started, or any Redis): on a shared machine, a steadier figure than wall time.
     server_cpu_seconds: float | None = None
+    # Every core's busy time over the run, so the rest of the machine's work shows.
+    machine_cpu_seconds: float | None = None
+    # (seconds since the run started, KiB) of a server the bench started.
+    rss_samples_kibibytes: list[tuple[float, int]] = field(default_factory=list)
+    # The load each connection carried: requests per frame (pipeline) and in flight.
+    connections: int | None = None
+    batch: int | None = None
+    inflight_per_connection: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -206,6 +226,12 @@ class RunReport:
         latency = {f"p{percentile:g}": _ms(histogram.get_value_at_percentile(percentile)) for percentile in PERCENTILES}
         latency["max"] = _ms(histogram.get_max_value())
         latency["mean"] = round(histogram.get_mean_value() / 1000, 3)
+        reserves = sum(reserve.values())
+        server_cpu = self.server_cpu_seconds
+        other_cpu = None
+        if self.machine_cpu_seconds is not None:
+            spent = (server_cpu or 0.0) + merged.client_cpu_seconds
+            other_cpu = round(max(0.0, self.machine_cpu_seconds - spent), 3)
         return {
             "label": self.label,
             "target": self.target,
@@ -220,10 +246,16 @@ class RunReport:
             "buyers_not_sent": merged.observed.unsent_buyers,
             "server_cpu_seconds": None if self.server_cpu_seconds is None else round(self.server_cpu_seconds, 3),
             "server_cpu_microseconds_per_request": (
-                round(self.server_cpu_seconds * 1e6 / merged.answered, 2)
-                if self.server_cpu_seconds is not None and merged.answered
-                else None
+                round(server_cpu * 1e6 / merged.answered, 2) if server_cpu is not None and merged.answered else None
             ),
+            "server_cpu_microseconds_per_reserve": (
+                round(server_cpu * 1e6 / reserves, 2) if server_cpu is not None and reserves else None
+            ),
+            # Busy CPU of the machine over the run that was neither the server's nor the drivers'.
+            "other_cpu_seconds": other_cpu,
+            "connections": self.connections,
+            "batch": self.batch,
+            "inflight_per_connection": self.inflight_per_connection,
             # What the load cost the driver processes: a client near a core per process is the limit.
             "client_cpu_seconds": round(merged.client_cpu_seconds, 3),
             "client_cpu_microseconds_per_request": (
@@ -231,7 +263,7 @@ class RunReport:
             ),
             "elapsed_seconds": elapsed,
             "throughput_per_second": merged.answered / elapsed if elapsed else 0.0,
-            "reserves_per_second": sum(reserve.values()) / elapsed if elapsed else 0.0,
+            "reserves_per_second": reserves / elapsed if elapsed else 0.0,
             "latency_ms": latency,
             "latency_distribution_ms": {
                 f"{percentile:g}": _ms(histogram.get_value_at_percentile(percentile))
@@ -243,8 +275,11 @@ class RunReport:
             "timeline": {
                 "bucket_seconds": BUCKET_SECONDS,
                 "answered": merged.answered_per_bucket,
+                "ok": merged.ok_per_bucket,
+                "sold_out": merged.sold_out_per_bucket,
                 "units_left": self.units_left(),
             },
+            "server_rss": rss_figures(self.rss_samples_kibibytes),
             "checks": [{"name": check.name, "passed": check.passed, "detail": check.detail} for check in self.checks],
             "errors": merged.errors,
             "notes": self.notes,
@@ -337,18 +372,60 @@ def statuses_line(summary: dict[str, Any]) -> str:
 
 
 def cpu_line(summary: dict[str, Any]) -> str:
-    """CPU time of the server and of the drivers, per request: steadier than rates on a busy machine."""
+    """CPU time of the server, of the drivers and of the rest of the machine, per request:
+    steadier than rates on a busy machine."""
     parts = []
     if summary["server_cpu_seconds"] is not None:
         per_request = _per_request(summary["server_cpu_microseconds_per_request"])
         parts.append(f"server CPU {summary['server_cpu_seconds']:,.1f} s ({per_request})")
     per_request = _per_request(summary["client_cpu_microseconds_per_request"])
     parts.append(f"drivers' CPU {summary['client_cpu_seconds']:,.1f} s ({per_request})")
+    if summary["other_cpu_seconds"] is not None:
+        parts.append(f"the rest of the machine {summary['other_cpu_seconds']:,.1f} s")
     return f"{', '.join(parts)}, over {summary['elapsed_seconds'] or 0:,.1f} s"
 
 
 def _per_request(microseconds: float | None) -> str:
     return "-" if microseconds is None else f"{microseconds:,.1f} us per request"
+
+
+def load_line(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['connections']} connections, {summary['batch']} requests per frame/pipeline, "
+        f"{summary['inflight_per_connection']} in flight per connection"
+    )
+
+
+def rss_figures(samples: Sequence[tuple[float, int]]) -> dict[str, Any] | None:
+    """The server's RSS at the start, once settled (after a fifth of the run, at most 30 s),
+    at the end and at its peak, and its growth from settled to the end."""
+    if not samples:
+        return None
+    duration = samples[-1][0]
+    settle_at = min(30.0, duration / 5)
+    settled = next((rss for moment, rss in samples if moment >= settle_at), samples[-1][1])
+    end = samples[-1][1]
+    return {
+        "start_kibibytes": samples[0][1],
+        "settled_kibibytes": settled,
+        "end_kibibytes": end,
+        "peak_kibibytes": max(rss for _, rss in samples),
+        "growth_kibibytes": end - settled,
+        "growth_share": (end - settled) / settled if settled else None,
+    }
+
+
+def rss_line(summary: dict[str, Any]) -> str | None:
+    figures = summary["server_rss"]
+    if figures is None:
+        return None
+    growth = figures["growth_share"]
+    share = "" if growth is None else f" ({growth:+.1%})"
+    return (
+        f"server RSS start {mebibytes(figures['start_kibibytes'])} MiB, settled "
+        f"{mebibytes(figures['settled_kibibytes'])} MiB, end {mebibytes(figures['end_kibibytes'])} MiB, peak "
+        f"{mebibytes(figures['peak_kibibytes'])} MiB; settled to end {figures['growth_kibibytes']:+,} KiB{share}"
+    )
 
 
 def human_summary(report: RunReport) -> str:
@@ -363,34 +440,59 @@ def human_summary(report: RunReport) -> str:
         if report.passed
         else f"{len(report.checks) - passed} of {len(report.checks)} checks FAILED"
     )
+    speed = f"{summary['throughput_per_second']:,.0f} requests/s, p99 {summary['latency_ms']['p99']:,.1f} ms"
+    if report.target == "echo":
+        return f"{report.label}: {summary['requests_answered']:,} requests echoed; {speed}; {verdict}"
     return (
         f"{report.label}: {report.total_stock:,} units, {report.buyers:,} buyers, {reserve.get('ok', 0):,} holds; "
         + (f"sold out after {sold_out:,.0f} ms, " if sold_out is not None else "not sold out, ")
         + (f"every buyer answered after {answered:,.0f} ms; " if answered is not None else "")
-        + f"{summary['throughput_per_second']:,.0f} requests/s, p99 {summary['latency_ms']['p99']:,.1f} ms; {verdict}"
+        + f"{speed}; {verdict}"
     )
 
 
 def ratio(soldout: RunReport, peer: RunReport) -> dict[str, float | None]:
-    """soldout / peer for throughput (higher is better) and p99 latency (lower is better)."""
+    """soldout / peer for throughput (higher is better), p99 latency and server CPU per
+    reserve (lower is better)."""
     ours, theirs = soldout.summary(), peer.summary()
-    throughput = None
-    if theirs["throughput_per_second"]:
-        throughput = ours["throughput_per_second"] / theirs["throughput_per_second"]
-    p99 = None
-    if theirs["latency_ms"]["p99"]:
-        p99 = ours["latency_ms"]["p99"] / theirs["latency_ms"]["p99"]
-    return {"throughput": throughput, "p99": p99}
+
+    def divided(mine: float | None, other: float | None) -> float | None:
+        return mine / other if mine is not None and other else None
+
+    return {
+        "throughput": divided(ours["throughput_per_second"], theirs["throughput_per_second"]),
+        "p99": divided(ours["latency_ms"]["p99"], theirs["latency_ms"]["p99"]),
+        "server_cpu_per_reserve": divided(
+            ours["server_cpu_microseconds_per_reserve"], theirs["server_cpu_microseconds_per_reserve"]
+        ),
+    }
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def ratio_line(soldout: RunReport, peer: RunReport) -> str:
     figures = ratio(soldout, peer)
-    throughput = "-" if figures["throughput"] is None else f"{figures['throughput']:.2f}x"
-    p99 = "-" if figures["p99"] is None else f"{figures['p99']:.2f}x"
-    return (
-        f"{soldout.label} / {peer.label}: throughput {throughput} (higher is better), "
-        f"p99 latency {p99} (lower is better)"
+    ours, theirs = soldout.summary(), peer.summary()
+    if peer.target == "echo":
+        share = "-" if figures["throughput"] is None else f"{figures['throughput']:.0%}"
+        return (
+            f"{soldout.label}: {share} of the echo server's rate in the same run "
+            f"({rate(ours['throughput_per_second'])}/s of {rate(theirs['throughput_per_second'])}/s, "
+            f"at {soldout.batch}/frame)"
+        )
+    line = (
+        f"{soldout.label} / {peer.label}: throughput {_times(figures['throughput'])} (higher is better), "
+        f"p99 latency {_times(figures['p99'])} (lower is better)"
     )
+    mine, other = ours["server_cpu_microseconds_per_reserve"], theirs["server_cpu_microseconds_per_reserve"]
+    if mine is not None and other is not None:
+        line += (
+            f"; server CPU per reserve {mine:,.1f} us / {other:,.1f} us = "
+            f"{_times(figures['server_cpu_per_reserve'])} (lower is better)"
+        )
+    return line
 
 
 def json_report(settings: dict[str, Any], runs: Sequence[RunReport]) -> str:
@@ -403,6 +505,74 @@ def json_report(settings: dict[str, Any], runs: Sequence[RunReport]) -> str:
     return json.dumps(document, indent=2)
 
 
+# ---------------------------------------------------------------- the spread of repeated runs
+
+# (name, unit, how to read it from a summary)
+SPREAD_FIGURES: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("throughput", "req/s", lambda summary: summary["throughput_per_second"]),
+    ("p50 latency", "ms", lambda summary: summary["latency_ms"]["p50"]),
+    ("p99 latency", "ms", lambda summary: summary["latency_ms"]["p99"]),
+    ("server CPU per reserve", "us", lambda summary: summary["server_cpu_microseconds_per_reserve"]),
+    ("drivers' CPU per request", "us", lambda summary: summary["client_cpu_microseconds_per_request"]),
+    ("sold out after", "ms", lambda summary: summary["sold_out_after_ms"]),
+)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, lowest, highest, and the range as a share of the median."""
+    assert values
+    median = statistics.median(values)
+    low, high = min(values), max(values)
+    return {"median": median, "min": low, "max": high, "spread": (high - low) / median if median else 0.0}
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+def spread_table(runs: Sequence[RunReport]) -> str:
+    """Each figure of each target over its repeated runs: median, min, max, spread."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run.summary())
+    rows = []
+    for label, summaries in by_label.items():
+        for name, unit, read in SPREAD_FIGURES:
+            values = [value for value in (read(summary) for summary in summaries) if value is not None]
+            if not values:
+                continue
+            figures = spread(values)
+            rows.append(
+                [
+                    label,
+                    f"{name} ({unit})",
+                    str(len(values)),
+                    _figure(figures["median"]),
+                    _figure(figures["min"]),
+                    _figure(figures["max"]),
+                    f"{figures['spread']:.0%}",
+                ]
+            )
+    headers = ("run", "figure", "runs", "median", "min", "max", "spread")
+    return format_table(headers, rows, right_aligned=range(2, 7))
+
+
+def ratio_spread_line(pairs: Sequence[tuple[RunReport, RunReport]]) -> str | None:
+    """The soldout/peer ratios over repeated runs (one pair per repeat)."""
+    if len(pairs) < 2:
+        return None
+    soldout, peer = pairs[0]
+    parts = []
+    for name in ("throughput", "p99", "server_cpu_per_reserve"):
+        values = [value for value in (ratio(mine, theirs)[name] for mine, theirs in pairs) if value is not None]
+        if values:
+            figures = spread(values)
+            parts.append(
+                f"{name.replace('_', ' ')} {figures['median']:.2f}x ({figures['min']:.2f}-{figures['max']:.2f})"
+            )
+    return f"{soldout.label} / {peer.label} over {len(pairs)} runs, median (range): " + ", ".join(parts)
+
+
 # ---------------------------------------------------------------- the chart
 
 
@@ -413,10 +583,13 @@ class PlotUnavailable(Exception):
 PLOT_MISSING = (
     "--plot needs matplotlib, which is not installed: pip install 'soldout[plot]' (or pip install matplotlib)"
 )
+SOLD_OUT_LABEL = "sold out"
 
 
-def plot(runs: Sequence[RunReport], path: str) -> None:
-    """Units left and replies per second over time, and the latency distribution, as a PNG."""
+def chart(runs: Sequence[RunReport], title: str) -> Any:
+    """The figure: units left (the sell-out moment marked), ok and sold_out replies per
+    second as separate series, and the latency distribution; titled with `title`, the
+    scenario's settings. The caller saves and closes it."""
     try:
         import matplotlib
     except ImportError:
@@ -424,26 +597,55 @@ def plot(runs: Sequence[RunReport], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
 
-    figure, (units_axes, rate_axes, latency_axes) = pyplot.subplots(3, 1, figsize=(9, 11))
-    for run in runs:
+    figure, (units_axes, rate_axes, latency_axes) = pyplot.subplots(3, 1, figsize=(9, 12))
+    figure.suptitle(title, wrap=True, fontsize=9)
+    for number, run in enumerate(runs):
         summary = run.summary()
-        timeline = summary["timeline"]
-        seconds = [(index + 1) * BUCKET_SECONDS for index in range(len(timeline["answered"]))]
-        units_axes.plot(seconds, timeline["units_left"], label=run.label)
-        rate_axes.plot(seconds, [count / BUCKET_SECONDS for count in timeline["answered"]], label=run.label)
         distribution = summary["latency_distribution_ms"]
         percentiles = [float(percentile) for percentile in distribution]
         # The usual HDR view: x = 1 / (1 - percentile), so the tail gets the room.
         positions = [1 / (1 - min(percentile, 99.9999) / 100) for percentile in percentiles]
-        latency_axes.plot(positions, list(distribution.values()), marker="o", label=run.label)
+        (line,) = latency_axes.plot(positions, list(distribution.values()), marker="o", label=run.label)
+        if run.target == "echo":
+            continue  # it sells nothing: only its latency is drawn
+        colour = line.get_color()
+        timeline = summary["timeline"]
+        # Units left at the start and at each bucket's end; rates at each bucket's middle.
+        ends = [(index + 1) * BUCKET_SECONDS for index in range(len(timeline["units_left"]))]
+        units_axes.plot([0.0, *ends], [run.total_stock, *timeline["units_left"]], color=colour, label=run.label)
+        middles = [(index + 0.5) * BUCKET_SECONDS for index in range(len(timeline["ok"]))]
+        ok = [count / BUCKET_SECONDS for count in timeline["ok"]]
+        sold_out = [count / BUCKET_SECONDS for count in timeline["sold_out"]]
+        rate_axes.plot(middles, ok, color=colour, marker=".", label=f"{run.label}: ok")
+        rate_axes.plot(middles, sold_out, color=colour, linestyle=":", marker=".", label=f"{run.label}: sold_out")
+        sold_out_ms = summary["sold_out_after_ms"]
+        if sold_out_ms is not None:
+            moment = sold_out_ms / 1000
+            for axes in (units_axes, rate_axes):
+                axes.axvline(moment, color=colour, linestyle="--", label=f"{run.label}: {SOLD_OUT_LABEL}")
+            units_axes.annotate(
+                f"{run.label}: {SOLD_OUT_LABEL} at {moment:.3f} s",
+                (moment, run.total_stock),
+                textcoords="offset points",
+                xytext=(4, -12 * (number + 1)),
+                fontsize=8,
+            )
     units_axes.set(title="units left", xlabel="seconds", ylabel="units")
-    rate_axes.set(title="replies per second", xlabel="seconds", ylabel="replies/s")
+    rate_axes.set(title="reserve replies per second, ok and sold_out", xlabel="seconds", ylabel="replies/s")
     latency_axes.set(title="latency by percentile", ylabel="ms", xscale="log")
     ticks = [1, 2, 10, 100, 1000, 10000, 100000, 1000000]
     latency_axes.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "max"])
     for axes in (units_axes, rate_axes, latency_axes):
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot(runs: Sequence[RunReport], path: str, title: str = "") -> None:
+    """The chart as a PNG at `path`."""
+    figure = chart(runs, title)
+    import matplotlib.pyplot as pyplot
+
     figure.savefig(path, dpi=100)
     pyplot.close(figure)

@@ -13,14 +13,29 @@ process rebuilds the plan and takes its own share of it instead of receiving it.
 A scenario may also drive a sale an operator configured (`existing_sku`): its SKU is
 read from the server, not put, and its buyers can come from a file (the registered
 ones), so a rehearsal runs the exact sale. The only I/O here is reading that file.
+
+The wire cases are flash crowds too, each with its target, storage, requests per frame
+and pace (`soldout bench wire`):
+
+    echo-1, memory-1, durable-1          one request per frame, closed loop
+    echo-100, memory-100, durable-100    100 requests per frame, closed loop
+    open-loop                            a fixed rate offered, durable
+    soak                                 half the measured durable-100 rate, durable, for minutes
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCENARIOS = ("flash", "catalog", "checkout")
+
+RESERVE_OP = "reserve"
+CONFIRM_OP = "confirm"
+CANCEL_OP = "cancel"
+# One request of the crowd: (op, buyer number, SKU index, reservation or None).
+Item = tuple[str, int, int, str | None]
 
 # What a buyer does after winning a hold.
 KEEP = 0  # keeps the hold (flash, catalog): it neither confirms nor cancels
@@ -224,3 +239,45 @@ def split_weighted(numbers: range, weights: list[int]) -> list[range]:
         ranges.append(range(start, stop))
         start = stop
     return ranges
+
+
+# ---------------------------------------------------------------- the wire cases
+
+WIRE_CASES = ("echo-1", "memory-1", "durable-1", "echo-100", "memory-100", "durable-100", "open-loop", "soak")
+
+
+@dataclass(frozen=True, slots=True)
+class WireCase:
+    name: str
+    target: str  # "echo" or "soldout"
+    storage: str  # "memory" or "durable"; the echo server keeps nothing
+    batch: int
+    # open loop: the rate is given (--open-rate), or half the durable-100 rate (the soak)
+    open_loop: bool = False
+    soak: bool = False
+
+    @property
+    def label(self) -> str:
+        pace = "soak" if self.soak else "open loop" if self.open_loop else "closed loop"
+        server = "echo" if self.target == "echo" else f"soldout {self.storage}"
+        return f"{server}, {self.batch}/frame, {pace}"
+
+
+def wire_cases(names: Sequence[str], open_batch: int) -> list[WireCase]:
+    """The named cases, in the order of WIRE_CASES (the soak's rate comes from durable-100)."""
+    unknown = [name for name in names if name not in WIRE_CASES]
+    if unknown:
+        raise ValueError(f"unknown wire cases {', '.join(unknown)}: choose from {', '.join(WIRE_CASES)}")
+    cases = []
+    for name in WIRE_CASES:
+        if name not in names:
+            continue
+        if name == "open-loop":
+            cases.append(WireCase(name, "soldout", "durable", open_batch, open_loop=True))
+        elif name == "soak":
+            cases.append(WireCase(name, "soldout", "durable", 100, open_loop=True, soak=True))
+        else:
+            server, batch = name.split("-")
+            target = "echo" if server == "echo" else "soldout"
+            cases.append(WireCase(name, target, "memory" if target == "echo" else server, int(batch)))
+    return cases

@@ -1,19 +1,26 @@
-"""The bench's own logic: scenarios, the driving logic, merging and reporting, the end
-checks (a deliberately oversold result must fail them), and small end-to-end runs of
-`soldout bench` against a spawned server, and against Redis side by side.
+"""The bench's own logic: scenarios, the driving logic, merging and reporting (the spread
+of repeated runs, the chart), the end checks (a deliberately oversold result must fail
+them), and small end-to-end runs of `soldout bench` against a spawned server, against
+Redis and the echo server side by side, and against a running server it must leave as
+it found it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
+from wire_helpers import ADMIN_TOKEN, FRONTEND_TOKEN, server_config
 
-from bench import flash, redis_peer
+from bench import cli, redis_peer, runs
+from bench.checks import Check, Counts, Observed, check_run, failures
 from bench.driver import (
     BUSY,
     CANCEL_OP,
@@ -30,11 +37,14 @@ from bench.driver import (
     connection_phase,
     crowd_items,
 )
+from bench.orchestrator import Load
 from bench.redis_peer import REDIS_MISSING
 from bench.report import (
     PLOT_MISSING,
+    SOLD_OUT_LABEL,
     PlotUnavailable,
     RunReport,
+    chart,
     human_summary,
     json_report,
     merge,
@@ -42,6 +52,8 @@ from bench.report import (
     ratio,
     remaining_left,
     runs_table,
+    spread,
+    spread_table,
     units_left,
 )
 from bench.scenarios import (
@@ -53,7 +65,8 @@ from bench.scenarios import (
     split,
     split_weighted,
 )
-from bench.verify import Check, Counts, Observed, check_run, failures
+from engine.server.runner import open_server
+from protocol.client import open_client
 
 # ---------------------------------------------------------------- scenarios
 
@@ -130,9 +143,7 @@ def test_split_weighted_follows_the_weights() -> None:
 
 def test_load_gives_each_process_its_connections_and_buyers() -> None:
     scenario = build_scenario("flash", buyers=1001)
-    load = flash.Load(
-        procs=3, connections=7, batch=10, inflight=40, rate=700.0, duration_seconds=None, show_progress=False
-    )
+    load = Load(procs=3, connections=7, batch=10, inflight=40, rate=700.0, duration_seconds=None, show_progress=False)
     template = DriverSettings("soldout", "ws://x/v1", None, scenario, 0, range(0), 1, 1, 1, None, None)
     settings = load.settings(scenario, template)
     assert [one.connections for one in settings] == [3, 2, 2]
@@ -310,6 +321,21 @@ def test_the_duration_cap_stops_the_crowd_but_not_the_answers() -> None:
     assert work.finished
 
 
+def test_open_loop_packs_each_batch_when_due_and_the_cap_counts_the_buyers_never_packed() -> None:
+    # 3 requests per batch at 300 requests/s: a batch every 10 ms, for 25 ms.
+    work = work_for(buyers=12, batch=3, inflight=100, rate=300.0, duration_seconds=0.025, start_at=100.0)
+    assert len(work._crowd) == 1  # only the next batch is packed ahead
+    sent = [work.take(moment) for moment in (100.0, 100.01, 100.02)]
+    assert [batch.first_id for batch in sent if batch is not None] == [1, 4, 7]
+    assert work.take(100.03) is None
+    assert work.tally.unsent_buyers == 3
+    for batch in sent:
+        assert batch is not None
+        work.answered(batch, answers(batch), 100.031)
+    assert work.finished
+    assert work.tally.crowd_answered == 9
+
+
 # ---------------------------------------------------------------- merging and reporting
 
 
@@ -325,6 +351,8 @@ def driver_result(
         "histogram": tally.histogram.encode(),
         "answered_per_bucket": [len(latencies_us)],
         "held_per_bucket": [len(holds)],
+        "ok_per_bucket": [len(holds)],
+        "sold_out_per_bucket": [len(latencies_us) - len(holds)],
         "remaining_per_bucket": [None],
         "first_send_at": 10.0 + index,
         "last_answer_at": 12.0 + index,
@@ -418,6 +446,83 @@ def test_plot_says_what_to_install_when_matplotlib_is_missing(monkeypatch: pytes
     assert str(raised.value) == PLOT_MISSING
     assert "pip install" in PLOT_MISSING
     assert not (tmp_path / "chart.png").exists()
+
+
+def test_the_redis_driver_has_as_many_connections_as_soldouts_each_with_one_batch_in_flight() -> None:
+    scenario = build_scenario("flash", buyers=1000)
+    load = Load(procs=2, connections=6, batch=50, inflight=100, rate=None, duration_seconds=None, show_progress=False)
+    template = DriverSettings("soldout", "ws://x/v1", None, scenario, 0, range(0), 1, 1, 1, None, None)
+    soldout = load.settings(scenario, template)
+    redis = runs.redis_load(load).settings(scenario, replace(template, target="redis"))
+    assert sum(one.connections for one in redis) == sum(one.connections for one in soldout) == 6
+    assert [one.connections for one in redis] == [one.connections for one in soldout]
+    assert [one.buyers for one in redis] == [one.buyers for one in soldout]
+    assert {one.inflight for one in redis} == {50}  # one pipelined batch per connection
+    assert {one.batch for one in redis} == {one.batch for one in soldout} == {50}
+
+
+def test_spread_gives_the_median_the_range_and_its_share() -> None:
+    assert spread([10.0, 12.0, 8.0]) == {"median": 10.0, "min": 8.0, "max": 12.0, "spread": 0.4}
+    runs = [
+        RunReport(
+            "soldout memory", "soldout", "memory", "flash", 1, 1, 100, merge([driver_result(0, [1000] * 100, [])])
+        ),
+        RunReport(
+            "soldout memory",
+            "soldout",
+            "memory",
+            "flash",
+            1,
+            1,
+            100,
+            merge([driver_result(0, [3000] * 100, [], last_answer_at=14.0)]),
+        ),
+    ]
+    table = spread_table(runs).splitlines()
+    assert table[0].split() == ["run", "figure", "runs", "median", "min", "max", "spread"]
+    throughput = next(line for line in table if "throughput" in line)
+    # 100 answers over 2 s and over 4 s: 50/s and 25/s.
+    assert throughput.split()[-5:] == ["2", "37.50", "25.00", "50.00", "67%"]
+    p50 = next(line for line in table if "p50 latency" in line)
+    assert p50.split()[-4:-1] == ["2.00", "1.00", "3.00"]
+
+
+def _chart_texts(figure: object) -> list[str]:
+    texts = [figure._suptitle.get_text()]  # type: ignore[attr-defined]
+    for axes in figure.axes:  # type: ignore[attr-defined]
+        texts += [text.get_text() for text in axes.texts]
+    return texts
+
+
+def test_the_chart_is_titled_with_the_settings_marks_the_sell_out_and_splits_ok_from_sold_out() -> None:
+    result = driver_result(
+        0,
+        [1000] * 100,
+        [(0, 1, "0-1")],
+        answered_per_bucket=[60, 40],
+        held_per_bucket=[1, 0],
+        ok_per_bucket=[1, 0],
+        sold_out_per_bucket=[59, 40],
+        remaining_per_bucket=[0, None],
+    )
+    run = RunReport("soldout memory", "soldout", "memory", "flash", 1, 1, 100, merge([result]))
+    title = "flash: 1 SKU x 1 units, 100 buyers (seed 1); 2 procs, 4 connections, batches of 50"
+    figure = chart([run], title)
+    try:
+        assert title in _chart_texts(figure)
+        units_axes, rate_axes, _ = figure.axes
+        # Sold out 1 s after the first send: a line there, labelled, and a note saying when.
+        marks = [line for line in units_axes.get_lines() if line.get_label() == f"soldout memory: {SOLD_OUT_LABEL}"]
+        assert len(marks) == 1
+        assert list(marks[0].get_xdata()) == [1.0, 1.0]
+        assert any(text.startswith(f"soldout memory: {SOLD_OUT_LABEL} at 1.000 s") for text in _chart_texts(figure))
+        series = {line.get_label(): list(line.get_ydata()) for line in rate_axes.get_lines()}
+        assert series["soldout memory: ok"] == [pytest.approx(10.0), 0.0]
+        assert series["soldout memory: sold_out"] == [pytest.approx(590.0), pytest.approx(400.0)]
+    finally:
+        import matplotlib.pyplot as pyplot
+
+        pyplot.close(figure)
 
 
 # ---------------------------------------------------------------- the end checks
@@ -532,17 +637,17 @@ SMALL = ["--buyers", "3000", "--procs", "2", "--connections", "4", "--batch", "5
 
 
 def test_bench_needs_a_server_to_drive(capsys: pytest.CaptureFixture[str]) -> None:
-    assert flash.main(["--buyers", "10"]) == 2
+    assert cli.main(["--buyers", "10"]) == 2
     assert "give --url" in capsys.readouterr().err
-    assert flash.main(["--spawn", "--batch", "0"]) == 2
-    assert flash.main(["--no-such-flag"]) == 2
+    assert cli.main(["--spawn", "--batch", "0"]) == 2
+    assert cli.main(["--no-such-flag"]) == 2
 
 
 def test_the_redis_peer_without_redis_server_says_how_to_get_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(redis_peer, "find_redis_server", lambda: None)
-    assert flash.main(["--spawn", "--peer", "redis", "--quiet"]) == 1
+    assert cli.main(["--spawn", "--peer", "redis", "--quiet"]) == 1
     error = capsys.readouterr().err
     assert "make bench-peer" in error
     assert "apt-get install redis-server" in error
@@ -551,11 +656,12 @@ def test_the_redis_peer_without_redis_server_says_how_to_get_it(
 @pytest.mark.slow
 def test_flash_against_a_spawned_memory_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report_path = tmp_path / "report.json"
-    arguments = [*SMALL, "--stock", "200", "--spawn", "--memory", "--json", str(report_path)]
-    assert flash.main(arguments) == 0, capsys.readouterr()
+    chart_path = tmp_path / "chart.png"
+    arguments = [*SMALL, "--stock", "200", "--spawn", "--memory", "--json", str(report_path), "--plot", str(chart_path)]
+    assert cli.main(arguments) == 0, capsys.readouterr()
     output = capsys.readouterr().out
     assert "soldout memory" in output
-    assert "all 10 checks passed" in output
+    assert "all 11 checks passed" in output
     assert "soldout memory: 200 units, 3,000 buyers, 200 holds; sold out after" in output
     document = json.loads(report_path.read_text())
     assert document["passed"] is True
@@ -565,6 +671,13 @@ def test_flash_against_a_spawned_memory_server(tmp_path: Path, capsys: pytest.Ca
     assert run["client_cpu_seconds"] > 0
     assert run["timeline"]["units_left"][-1] == 0
     assert run["sold_out_after_ms"] is not None
+    assert sum(run["timeline"]["ok"]) == 200
+    assert sum(run["timeline"]["sold_out"]) == 2800
+    assert run["server_cpu_microseconds_per_reserve"] is not None
+    # Figures only: no target, no verdict on speed.
+    assert not re.search(r"\b(met|target|targets)\b", output), output
+    # matplotlib comes with the dev extra (soldout[plot]).
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
@@ -582,7 +695,7 @@ def test_open_loop_with_a_duration_cap_ends_cleanly(tmp_path: Path, capsys: pyte
         "--json",
         str(report_path),
     ]
-    assert flash.main(arguments) == 0, capsys.readouterr()
+    assert cli.main(arguments) == 0, capsys.readouterr()
     assert "buyers never sent: the duration cap came first" in capsys.readouterr().out
     (run,) = json.loads(report_path.read_text())["runs"]
     assert 0 < run["requests_answered"] < 20_000
@@ -594,13 +707,13 @@ def test_open_loop_with_a_duration_cap_ends_cleanly(tmp_path: Path, capsys: pyte
 def test_a_failed_check_makes_the_run_exit_non_zero(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real_check_run = flash.check_run
+    real_check_run = runs.check_run
 
     def with_a_broken_check(*arguments: object, **keywords: object) -> list[Check]:
         return [*real_check_run(*arguments, **keywords), Check("a planted check", False, "planted to fail")]  # type: ignore[arg-type]
 
-    monkeypatch.setattr(flash, "check_run", with_a_broken_check)
-    assert flash.main([*SMALL, "--buyers", "500", "--stock", "20", "--spawn"]) == 1
+    monkeypatch.setattr(runs, "check_run", with_a_broken_check)
+    assert cli.main([*SMALL, "--buyers", "500", "--stock", "20", "--spawn"]) == 1
     assert "CHECK FAILED: a planted check: planted to fail" in capsys.readouterr().err
 
 
@@ -623,17 +736,74 @@ def test_checkout_durable_beside_redis(tmp_path: Path, capsys: pytest.CaptureFix
         "--json",
         str(report_path),
     ]
-    assert flash.main(arguments) == 0, capsys.readouterr()
+    assert cli.main(arguments) == 0, capsys.readouterr()
     output = capsys.readouterr().out
     assert "soldout durable / redis durable: throughput" in output
     document = json.loads(report_path.read_text())
     assert document["passed"] is True
-    assert set(document["ratio"]) == {"throughput", "p99"}
+    assert set(document["ratio"]) == {"throughput", "p99", "server_cpu_per_reserve"}
     soldout, peer = document["runs"]
     for run in (soldout, peer):
         checks = {check["name"] for check in run["checks"]}
         assert {"sold == ok confirms", "no hold outlives its expiry"} <= checks
         assert run["statuses"]["confirm"].get("ok", 0) > 0
         assert run["statuses"]["cancel"].get("ok", 0) > 0
-    # The same crowd met the same stock on both sides.
+    # The same crowd met the same stock on both sides, over as many connections, Redis
+    # with one pipelined batch in flight on each.
     assert soldout["buyers"] == peer["buyers"] == 3000
+    assert soldout["connections"] == peer["connections"] == 4
+    assert (soldout["inflight_per_connection"], peer["inflight_per_connection"]) == (100, 50)
+    # Both servers' CPU per reserve, read from /proc, and their ratio.
+    assert soldout["server_cpu_microseconds_per_reserve"] > 0
+    assert peer["server_cpu_microseconds_per_reserve"] > 0
+    assert document["ratio"]["server_cpu_per_reserve"] > 0
+    assert "server CPU per reserve" in output
+
+
+@pytest.mark.slow
+def test_repeat_prints_each_figures_spread_and_the_ratios_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "report.json"
+    arguments = [*SMALL, "--buyers", "600", "--stock", "40", "--spawn", "--peer", "echo", "--repeat", "2"]
+    assert cli.main([*arguments, "--json", str(report_path)]) == 0, capsys.readouterr()
+    output = capsys.readouterr().out
+    lines = output.splitlines()
+    assert "over 2 rounds:" in lines
+    table = lines[lines.index("over 2 rounds:") + 1 :]
+    assert table[0].split() == ["run", "figure", "runs", "median", "min", "max", "spread"]
+    for label in ("soldout memory", "echo"):
+        row = next(line for line in table if line.startswith(label) and "throughput" in line)
+        assert row.split()[-5] == "2"  # two runs behind the figure
+        assert row.endswith("%")
+    assert any(line.startswith("soldout memory / echo over 2 runs, median (range): throughput") for line in lines)
+    assert "of the echo server's rate in the same run" in output
+    document = json.loads(report_path.read_text())
+    assert [run["label"] for run in document["runs"]] == ["soldout memory", "echo"] * 2
+    # Each round put SKUs of its own: every soldout round sold exactly its stock.
+    assert [run["statuses"]["reserve"]["ok"] for run in document["runs"][::2]] == [40, 40]
+
+
+async def _held_and_sold(url: str) -> dict[str, tuple[int, int, int]]:
+    async with open_client(url, ADMIN_TOKEN) as client:
+        stats = await client.stats()
+    return {name: (sku["stock"], sku["held"], sku["sold"]) for name, sku in stats["skus"].items()}
+
+
+@pytest.mark.slow
+async def test_a_run_against_a_url_cancels_the_holds_it_made(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    async with open_server(server_config()) as server:
+        url = ["--url", server.url, "--token", FRONTEND_TOKEN, "--admin-token", ADMIN_TOKEN]
+        arguments = [*url, *SMALL, "--buyers", "800", "--stock", "150", "--json", str(report_path)]
+        assert await trio.to_thread.run_sync(cli.main, arguments) == 0
+        (run,) = json.loads(report_path.read_text())["runs"]
+        assert run["statuses"]["reserve"] == {"ok": 150, "sold_out": 650}
+        assert "no hold of the run left on the server" in {check["name"] for check in run["checks"]}
+        (cancelled,) = (await _held_and_sold(server.url)).values()
+        assert cancelled == (150, 0, 0)
+        # Asked to, it leaves them.
+        kept = [*url, *SMALL, "--buyers", "300", "--stock", "100", "--keep-holds"]
+        assert await trio.to_thread.run_sync(cli.main, kept) == 0
+        counts = sorted((await _held_and_sold(server.url)).values())
+    assert counts == [(100, 100, 0), (150, 0, 0)]

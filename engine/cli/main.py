@@ -3,7 +3,7 @@
 soldout serve [--config sale.toml] [--host H] [--port P] [--shards N] [--data-dir DIR]
 soldout admin --url URL --token TOKEN put-sku|register|stock|stats ...
 soldout export --data-dir DIR
-soldout bench [flash|catalog|checkout] ...
+soldout bench [flash|catalog|checkout|wire|embedded] ...
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         # The bench has its own parser: its flags pass through untouched.
         try:
-            from bench.flash import main as bench_main
+            from bench.cli import main as bench_main
         except ImportError as error:
             print(
                 f"soldout bench needs the bench extra ({error.name or error} is missing): pip install 'soldout[bench]'",

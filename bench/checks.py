@@ -1,5 +1,9 @@
 """The end checks of a bench run: was anything oversold, did any buyer get more than the
-limit, was any hold given twice, did every buyer get an answer.
+limit, was any hold given twice, did every buyer get an answer (and for the echo
+ceiling: did every request come back as it went).
+
+Checks are about correctness only. How fast a run was is a figure the report prints;
+no speed is ever judged here.
 
 They compare what the drivers were told (every `ok` hold, every confirm and cancel)
 with what the server itself reports at the end (`stock` per SKU, and soldout's
@@ -15,7 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.scenarios import Scenario, buyer_name
+from bench.targets import ECHOED
 
+# What a crowd of distinct buyers on an open SKU may be answered.
+CROWD_STATUSES = frozenset({"ok", "sold_out", "busy"})
 # How many offending SKUs, buyers or ids a failed check names.
 EXAMPLES_MAX = 5
 
@@ -62,6 +69,7 @@ def check_run(
     stats_skus: Mapping[str, Mapping[str, Any]] | None = None,
     stats_reserve_ok: int | None = None,
     baseline: Sequence[Counts | None] | None = None,
+    reserve_statuses: Mapping[str, int] | None = None,
 ) -> list[Check]:
     """Every check that applies to this run, passed or not.
 
@@ -72,7 +80,9 @@ def check_run(
     reserves the server's stats counted `ok` during the run. `baseline` holds the counts
     before the run of a SKU the server already had: its holds from before may end during
     the run, so the run is checked by what it added (ok replies within what was available,
-    confirms against the units sold since) rather than by totals.
+    confirms against the units sold since) rather than by totals. `reserve_statuses` counts
+    the reserve replies by status: a crowd of distinct buyers, each trying once for one
+    unit of an open SKU the bench put, can only be answered ok, sold_out or busy.
     """
     skus = scenario.skus
     assert len(demand) == len(skus) == len(counts)
@@ -143,6 +153,9 @@ def check_run(
         detail += f" ({observed.unsent_buyers} never sent: the duration cap came first)"
     checks.append(_check("every buyer sent got an answer", missing == 0 and observed.unanswered == 0, detail))
 
+    if reserve_statuses is not None and not scenario.existing_sku:
+        unexpected = {status: count for status, count in reserve_statuses.items() if status not in CROWD_STATUSES}
+        checks.append(_check("reserves answered only ok, sold_out or busy", not unexpected, repr(unexpected)))
     if stats_skus is not None:
         disagree = []
         for index, count in known:
@@ -190,6 +203,25 @@ def _checks_against_baseline(
     ]
     checks.append(_check("units sold during the run == ok confirms", not sold, _examples(sold)))
     return checks
+
+
+def check_echo_run(observed: Observed, statuses: Mapping[str, Mapping[str, int]]) -> list[Check]:
+    """The echo server sent every request back, each as it went (with no status)."""
+    unexpected = {
+        f"{op} {status}": count
+        for op, counts in statuses.items()
+        for status, count in counts.items()
+        if status != ECHOED
+    }
+    missing = observed.crowd_buyers - observed.unsent_buyers - observed.crowd_answered
+    return [
+        _check("only echoed requests came back", not unexpected, repr(unexpected)),
+        _check(
+            "every request sent came back",
+            missing == 0 and observed.unanswered == 0,
+            f"{missing + observed.unanswered} requests sent but not echoed",
+        ),
+    ]
 
 
 def failures(checks: Sequence[Check]) -> list[str]:
