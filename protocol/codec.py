@@ -237,22 +237,10 @@ class ServerCodec:
             return _malformed("a batch must hold at least one request")
         if count > self._batch_requests_max:
             return _malformed(f"a batch of {count} requests is over the limit of {self._batch_requests_max}")
-        ids: list[int | None] = []
-        ops: list[str | None] = []
-        commands: list[Item] = []
-        add_id = ids.append
-        add_op = ops.append
-        add_command = commands.append
-        stats = 0
-        for fields in message:
-            if type(fields) is not dict:
-                return _malformed("every element of a batch must be a map")
-            request_id, op, command = parse(fields, admin)
-            add_id(request_id)
-            add_op(op)
-            add_command(command)
-            if op == "stats":
-                stats += type(command) is Stats
+        parsed = self.parser.requests(message, admin)
+        if parsed is None:
+            return _malformed("every element of a batch must be a map")
+        ids, ops, commands, stats = parsed
         return Frame(ids, ops, commands, batch=True, stats=stats)
 
     def _batch_header_error(self, payload: bytes) -> str | None:

@@ -135,6 +135,61 @@ class CommandParser:
 
     # ------------------------------------------------------------ from the wire
 
+    def requests(
+        self, maps: list[Any], admin: bool = True
+    ) -> tuple[list[int | None], list[str | None], list[Command | Stats | AnyReply], int] | None:
+        """The maps of a batch as parallel lists of ids, ops and commands, and the count of
+        stats requests; None when an element is not a map. Each map as `request` makes it.
+        """
+        ids: list[int | None] = []
+        ops: list[str | None] = []
+        commands: list[Command | Stats | AnyReply] = []
+        add_id = ids.append
+        add_op = ops.append
+        add_command = commands.append
+        names_max = self._string_bytes_max
+        qty_max = self._qty_max
+        request = self.request
+        stats = 0
+        for fields in maps:
+            if type(fields) is not dict:
+                return None
+            # The common case, inlined (a frame may hold a thousand): a reserve holding
+            # exactly its fields, with ASCII names within the bound and a qty in range.
+            # A field that is missing reads as None here and fails its check.
+            count = len(fields)
+            if (count == 5 or count == 6) and fields.get("op") == "reserve":
+                request_id = fields.get("id")
+                sku = fields.get("sku")
+                buyer = fields.get("buyer")
+                qty = fields.get("qty")
+                key = fields.get("key")
+                if (
+                    (count == 5 or "key" in fields)
+                    and type(request_id) is int
+                    and ID_MIN <= request_id <= ID_MAX
+                    and type(sku) is str
+                    and sku.isascii()
+                    and 0 < len(sku) <= names_max
+                    and type(buyer) is str
+                    and buyer.isascii()
+                    and 0 < len(buyer) <= names_max
+                    and type(qty) is int
+                    and 0 < qty <= qty_max
+                    and (key is None or (type(key) is str and key.isascii() and 0 < len(key) <= names_max))
+                ):
+                    add_id(request_id)
+                    add_op("reserve")
+                    add_command(Reserve(sku, buyer, qty, key))
+                    continue
+            request_id, op, command = request(fields, admin)
+            add_id(request_id)
+            add_op(op)
+            add_command(command)
+            if command is STATS:
+                stats += 1
+        return ids, ops, commands, stats
+
     def request(self, fields: dict[Any, Any], admin: bool = True) -> Parsed:
         """One decoded request map, well formed or not, as (id, op, command or reply); never raises.
 
@@ -176,20 +231,6 @@ class CommandParser:
             qty = fields["qty"]
         except KeyError:
             return None
-        # The common case, inlined: ASCII names within the bound and a qty in range.
-        names_max = self._string_bytes_max
-        if (
-            type(sku) is str
-            and sku.isascii()
-            and 0 < len(sku) <= names_max
-            and type(buyer) is str
-            and buyer.isascii()
-            and 0 < len(buyer) <= names_max
-            and type(qty) is int
-            and 0 < qty <= self._qty_max
-            and (key is None or (type(key) is str and key.isascii() and 0 < len(key) <= names_max))
-        ):
-            return Reserve(sku, buyer, qty, key)
         return self.reserve(sku, buyer, qty, key)
 
     def _confirm_map(self, fields: dict[Any, Any]) -> Confirm | Reply | None:

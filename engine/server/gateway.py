@@ -25,8 +25,10 @@ import errno
 import hmac
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -49,6 +51,8 @@ from protocol.limits import (
 from protocol.messages import BUSY, OK, REPLY_TYPES, AnyReply, Reply, Stats, StatsReply
 
 log = logging.getLogger("soldout.gateway")
+
+_status = attrgetter("status")
 
 ENDPOINT_PATH = "/v1"
 CLOSE_GOING_AWAY = 1001
@@ -467,12 +471,14 @@ class Connection:
             return [command if type(command) in REPLY_TYPES else busy for command in commands]  # type: ignore[misc]
 
     def _tally(self, frame: Frame, replies: Sequence[AnyReply]) -> None:
-        tally: dict[tuple[str, str], int] = {}
-        get = tally.get
-        for op, reply in zip(frame.ops, replies):  # noqa: B905 (one reply per request)
-            key = (op or "invalid", reply.status)
-            tally[key] = get(key, 0) + 1
-        self.metrics.answered(tally)
+        """Count the frame's answers by (op, status); a request without a known op counts as "invalid"."""
+        # Counter counts in C: a frame may hold a thousand requests.
+        tally = Counter(zip(frame.ops, map(_status, replies)))  # noqa: B905 (one reply per request)
+        if None in frame.ops:
+            for (op, status), count in [(key, count) for key, count in tally.items() if key[0] is None]:
+                del tally[op, status]
+                tally["invalid", status] = tally.get(("invalid", status), 0) + count
+        self.metrics.answered(tally)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ writing
 
