@@ -155,12 +155,13 @@ class Client(ClientOperations):
         waiter = self._waiters.pop(call, None)
         if waiter is None:
             return  # collected
-        if waiter.done():
-            if not waiter.cancelled():
-                waiter.exception()  # retrieved: asyncio must not log it as lost
-        else:
+        # A cancelled task cancels the future it awaited: done or not, the call may be
+        # unanswered, and the core must never answer nor resend it (a no-op if answered).
+        self._core.abandon(call)
+        if not waiter.done():
             waiter.cancel()
-            self._core.abandon(call)
+        elif not waiter.cancelled():
+            waiter.exception()  # retrieved: asyncio must not log it as lost
 
     def _deliver(self, events: Sequence[Event]) -> None:
         waiters = self._waiters

@@ -254,11 +254,12 @@ class Client(ClientOperations):
     async def _connect_and_serve(self, connected: Callable[[], None]) -> BaseException | None:
         """One connection, from handshake to close; the error when it could not be made."""
         error: BaseException | None = None
+        opened: list[trio.abc.Stream] = []
         # trio-websocket reports a refused handshake from its own reader task too, so
         # the refusal may arrive inside an exception group.
         try:
             async with trio.open_nursery() as connection_nursery:
-                websocket = await self._handshake(connection_nursery)
+                websocket = await self._handshake(connection_nursery, opened)
                 connected()
                 try:
                     await self._serve_connection(websocket)
@@ -275,9 +276,15 @@ class Client(ClientOperations):
             error = group.exceptions[0]
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             error = group.exceptions[0]
+        finally:
+            # trio-websocket leaves the TCP stream open when the server refused the
+            # handshake, dropped the connection or closed it first: it is ours to close.
+            with trio.CancelScope(shield=True):
+                for stream in opened:
+                    await stream.aclose()
         return error
 
-    async def _handshake(self, connection_nursery: trio.Nursery) -> WebSocketConnection:
+    async def _handshake(self, connection_nursery: trio.Nursery, opened: list[trio.abc.Stream]) -> WebSocketConnection:
         """Open TCP and upgrade it, failing fast when the peer hangs up mid-handshake.
 
         trio-websocket waits for the handshake until a timeout when the peer closes
@@ -291,6 +298,7 @@ class Client(ClientOperations):
                 )
             else:
                 tcp = await trio.open_tcp_stream(self._host, self._port)
+            opened.append(tcp)
             stream = _EndWatchingStream(tcp)
             websocket: WebSocketConnection | None = None
             async with trio.open_nursery() as race:
