@@ -287,7 +287,6 @@ async def reserves_across_a_crash(flavour: Flavour, server: ServerProcess, calls
         again = await client.execute([Reserve(SKU, f"u{index}", 1, f"key-{index}") for index in range(calls)])
         stock = await client.stock(SKU)
         reconnects = client.reconnects
-        print(f"{flavour}: {client._core.resent} calls sent again after the kill")
     return {"first": first, "again": again, "held": stock.held, "reconnects": reconnects}
 
 
