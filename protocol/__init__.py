@@ -1,7 +1,8 @@
 """soldout's wire protocol: messages, limits, the command parser and the sans-IO codec.
 
-Nothing imported here does I/O or imports trio; the client (`protocol.client`) is the
-one module of this package that does, and it is imported on its own.
+Nothing imported here does I/O or imports trio; the clients are the only modules of this
+package that do, each imported on its own: `protocol.client` (trio) and `protocol.aio`
+(asyncio), both thin transports around the sans-IO `protocol.client_core`.
 """
 
 from protocol.limits import Limits

@@ -1,4 +1,4 @@
-"""A trio client for soldout's websocket protocol v1: the one module of `protocol/` that does I/O.
+"""A trio client for soldout's websocket protocol v1: `ClientCore` carried by trio-websocket.
 
     async with open_client("ws://127.0.0.1:8765/v1", token="front-secret") as client:
         reply = await client.reserve("MI-BAND-1", buyer="u42", qty=1)
@@ -8,16 +8,16 @@ queue (up to `batch_requests_max`) and sends them as one batch frame, and replie
 matched back by id, so many requests are in flight at once. When the connection drops,
 the client reconnects and sends every unanswered request again; a reserve always
 carries an idempotency key (the client makes one when the caller gives none), so a
-retried reserve returns the first hold instead of making a second.
+retried reserve returns the first hold instead of making a second. All of that is
+`protocol.client_core`'s; this module owns the socket, the tasks and the waiting. The
+asyncio client (`protocol.aio`) is the same core over `websockets`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import urllib.parse
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,35 +30,28 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from protocol.codec import ClientCodec, RemoteProtocolError, reply_from_map, request_map
-from protocol.limits import Limits
-from protocol.messages import (
-    UNCHANGED,
-    AnyReply,
-    Cancel,
-    Command,
-    Confirm,
-    GetHold,
-    GetSku,
-    HoldReply,
-    PutSku,
-    Register,
-    RegisterReply,
-    Reply,
-    Reserve,
-    SkuReply,
-    Stock,
-    StockReply,
-    Unchanged,
+from protocol.client_core import (
+    BATCH_REQUESTS_MAX,
+    INFLIGHT_REQUESTS_MAX,
+    RECONNECT_ATTEMPTS,
+    RECONNECT_DELAY_SECONDS,
+    REPLY_FRAME_BYTES_MAX,
+    Answered,
+    ClientCore,
+    ClientError,
+    ClientOperations,
+    Event,
+    Failed,
+    reconnect_delay_seconds,
 )
+from protocol.limits import Limits
+from protocol.messages import AnyReply, Command
+
+__all__ = ["REPLY_FRAME_BYTES_MAX", "Client", "ClientError", "open_client"]
 
 log = logging.getLogger("soldout.client")
 
 CLOSE_TIMEOUT_SECONDS = 2.0
-
-
-class ClientError(Exception):
-    """The client cannot reach a usable server: refused, unreachable, or closed."""
 
 
 class _EndWatchingStream(trio.abc.Stream):
@@ -93,29 +86,28 @@ class _EndWatchingStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-class _Call:
-    __slots__ = ("done", "op", "reply", "request", "sent")
+class _Waiter:
+    __slots__ = ("done", "error", "reply")
 
-    def __init__(self, op: str, request: dict[str, Any]) -> None:
-        self.op = op
-        self.request = request
-        self.sent = False
-        self.reply: dict[str, Any] | BaseException | None = None
+    def __init__(self) -> None:
         self.done = trio.Event()
+        self.reply: Any = None
+        self.error: str | None = None
 
 
-class Client:
-    """A connection to one soldout server, with pipelining, batching and reconnect."""
+class Client(ClientOperations):
+    """A connection to one soldout server, with pipelining, batching and reconnect: a
+    `ClientCore` that trio-websocket carries."""
 
     def __init__(
         self,
         url: str,
         token: str | None,
         *,
-        batch_requests_max: int = 100,
-        inflight_requests_max: int = 10_000,
-        reconnect_attempts: int = 20,
-        reconnect_delay_seconds: float = 0.05,
+        batch_requests_max: int = BATCH_REQUESTS_MAX,
+        inflight_requests_max: int = INFLIGHT_REQUESTS_MAX,
+        reconnect_attempts: int = RECONNECT_ATTEMPTS,
+        reconnect_delay_seconds: float = RECONNECT_DELAY_SECONDS,
         connect_timeout_seconds: float = 10.0,
         limits: Limits | None = None,
     ) -> None:
@@ -130,118 +122,96 @@ class Client:
         self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._connect_timeout_seconds = connect_timeout_seconds
         self._headers = [("Authorization", f"Bearer {token}")] if token else []
-        self._batch_requests_max = batch_requests_max
         self._reconnect_attempts = reconnect_attempts
         self._reconnect_delay_seconds = reconnect_delay_seconds
         self._limits = limits or Limits()
-        self._codec = ClientCodec(self._limits)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Call] = {}
-        self._queue_send, self._queue_receive = trio.open_memory_channel[_Call](inflight_requests_max)
+        self._core = ClientCore(
+            batch_requests_max=batch_requests_max, inflight_requests_max=inflight_requests_max, limits=self._limits
+        )
+        self._waiters: dict[int, _Waiter] = {}
+        # Set when a call is queued: wakes the sender.
+        self._queued = trio.Event()
+        # Set when calls are answered while callers wait for room in flight.
+        self._room = trio.Event()
+        self._room_wanted = 0
         self._failure: BaseException | None = None
         self._closing = trio.Event()
         self.reconnects = 0
 
-    # ---------------------------------------------------------------- operations
-
-    async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
-        return await self.call(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
-
-    async def confirm(self, reservation: str, *, buyer: str, order: str | None = None) -> Reply:
-        return await self.call(Confirm(reservation, buyer, order))  # type: ignore[return-value]
-
-    async def cancel(self, reservation: str, *, buyer: str) -> Reply:
-        return await self.call(Cancel(reservation, buyer))  # type: ignore[return-value]
-
-    async def hold(self, reservation: str, *, buyer: str) -> HoldReply:
-        """What became of a hold, changing nothing: for a frontend that lost a reply."""
-        return await self.call(GetHold(reservation, buyer))  # type: ignore[return-value]
-
-    async def stock(self, sku: str) -> StockReply:
-        return await self.call(Stock(sku))  # type: ignore[return-value]
-
-    async def put_sku(
-        self,
-        sku: str,
-        *,
-        stock: int | Unchanged = UNCHANGED,
-        per_buyer_limit: int | Unchanged = UNCHANGED,
-        hold_seconds: float | Unchanged = UNCHANGED,
-        opens_at: float | Unchanged | None = UNCHANGED,
-        closes_at: float | Unchanged | None = UNCHANGED,
-        registration_required: bool | Unchanged = UNCHANGED,
-    ) -> Reply:
-        """Create a SKU (`stock` required) or change the settings given; the rest stay."""
-        command = PutSku(sku, stock, per_buyer_limit, hold_seconds, opens_at, closes_at, registration_required)
-        return await self.call(command)  # type: ignore[return-value]
-
-    async def get_sku(self, sku: str) -> SkuReply:
-        return await self.call(GetSku(sku))  # type: ignore[return-value]
-
-    async def register(self, sku: str, buyers: Iterable[str]) -> RegisterReply:
-        return await self.call(Register(sku, list(buyers)))  # type: ignore[return-value]
-
-    async def ping(self) -> Reply:
-        reply = await self._roundtrip("ping", {})
-        return Reply(reply["status"], error=reply.get("error"))
-
-    async def stats(self) -> dict[str, Any]:
-        reply = await self._roundtrip("stats", {})
-        if reply["status"] != "ok":
-            raise ClientError(f"stats: {reply['status']}: {reply.get('error', '')}")
-        return reply["stats"]
-
-    async def call(self, command: Command) -> AnyReply:
-        """Send one command and wait for its reply (batched with concurrent calls)."""
-        return (await self.execute((command,)))[0]
+    # ---------------------------------------------------------------- calls
 
     async def execute(self, commands: Sequence[Command]) -> list[AnyReply]:
-        """Send many commands at once, in the order given (so one shard decides them in
-        that order); replies in the same order."""
-        calls: list[_Call] = []
+        core = self._core
+        calls: list[int] = []
         try:
             for command in commands:
-                if type(command) is Reserve and command.key is None:
-                    command = Reserve(command.sku, command.buyer, command.qty, uuid.uuid4().hex)
-                request = request_map(0, command)
-                calls.append(await self._submit(request.pop("op"), request))
-            return [reply_from_map(call.op, await self._collect(call)) for call in calls]
+                await self._wait_for_room()
+                calls.append(self._queue_call(core.call(command)))
+            return [await self._collect(call) for call in calls]
         finally:
+            # Cancelled or failed midway: whatever is not answered yet never will be.
             for call in calls:
-                self._pending.pop(call.request["id"], None)
+                if self._waiters.pop(call, None) is not None:
+                    core.abandon(call)
 
-    async def _roundtrip(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
-        call = await self._submit(op, fields)
+    async def _call_op(self, op: str) -> Any:
+        await self._wait_for_room()
+        call = self._queue_call(self._core.call_op(op))
         try:
             return await self._collect(call)
         finally:
-            self._pending.pop(call.request["id"], None)
+            if self._waiters.pop(call, None) is not None:
+                self._core.abandon(call)
 
-    async def _submit(self, op: str, fields: dict[str, Any]) -> _Call:
-        """Queue one request for the sender; calls queued one after another go in that order."""
-        if self._failure is not None:
-            raise ClientError(f"connection to {self.url} failed: {self._failure}") from self._failure
-        request_id = next(self._ids)
-        call = _Call(op, {**fields, "id": request_id, "op": op})
-        self._pending[request_id] = call
-        try:
-            # Without yielding while the queue has room, so the calls of one `execute`
-            # are all queued before the sender wakes and they leave in few frames.
+    async def _wait_for_room(self) -> None:
+        # Without yielding while there is room, so the calls of one `execute` are all
+        # queued before the sender wakes and they leave in few frames.
+        while True:
+            if self._failure is not None:
+                raise ClientError(f"connection to {self.url} failed: {self._failure}") from self._failure
+            if self._core.room > 0:
+                return
+            self._room_wanted += 1
             try:
-                self._queue_send.send_nowait(call)
-            except trio.WouldBlock:
-                await self._queue_send.send(call)
-        except BaseException:
-            self._pending.pop(request_id, None)
-            raise
+                await self._room.wait()
+            finally:
+                self._room_wanted -= 1
+
+    def _queue_call(self, call: int) -> int:
+        self._waiters[call] = _Waiter()
+        if not self._queued.is_set():
+            self._queued.set()
         return call
 
-    async def _collect(self, call: _Call) -> dict[str, Any]:
-        await call.done.wait()
-        if isinstance(call.reply, BaseException):
-            raise ClientError(f"{self.url}: {call.reply}") from call.reply
-        assert call.reply is not None
-        return call.reply
+    async def _collect(self, call: int) -> Any:
+        waiter = self._waiters[call]
+        await waiter.done.wait()
+        del self._waiters[call]
+        if waiter.error is not None:
+            raise ClientError(f"{self.url}: {waiter.error}")
+        return waiter.reply
+
+    def _deliver(self, events: Sequence[Event]) -> None:
+        waiters = self._waiters
+        for event in events:
+            if type(event) is Answered:
+                waiter = waiters.get(event.call)
+                if waiter is not None:
+                    waiter.reply = event.reply
+                    waiter.done.set()
+            elif type(event) is Failed:
+                waiter = waiters.get(event.call)
+                if waiter is not None:
+                    waiter.error = event.error
+                    waiter.done.set()
+            else:
+                log.warning("unreadable frame from %s: %s", self.url, event.error)
+        self._wake_room_waiters()
+
+    def _wake_room_waiters(self) -> None:
+        if self._room_wanted and (self._core.room > 0 or self._failure is not None):
+            self._room.set()
+            self._room = trio.Event()
 
     # -------------------------------------------------------------- the connection
 
@@ -265,12 +235,14 @@ class Client:
                 return
             if error is None:
                 continue  # the connection closed: connect again at once
-            if isinstance(error, ConnectionRejected):
+            if isinstance(error, ConnectionRejected) and not (started and error.status_code == 503):
                 failure = ClientError(f"{self.url} refused the connection: HTTP {error.status_code}")
             else:
+                # A server shutting down or full answers 503 for a while: once connected,
+                # that is retried like a server that is down.
                 failures += 1
                 if failures <= self._reconnect_attempts:
-                    await trio.sleep(self._reconnect_delay_seconds * min(failures, 20))
+                    await trio.sleep(reconnect_delay_seconds(failures, self._reconnect_delay_seconds))
                     continue
                 failure = ClientError(f"cannot connect to {self.url}: {error}")
             # Every waiting call hears why; `open_client` raises it if it never connected.
@@ -282,15 +254,19 @@ class Client:
     async def _connect_and_serve(self, connected: Callable[[], None]) -> BaseException | None:
         """One connection, from handshake to close; the error when it could not be made."""
         error: BaseException | None = None
+        opened: list[trio.abc.Stream] = []
         # trio-websocket reports a refused handshake from its own reader task too, so
         # the refusal may arrive inside an exception group.
         try:
             async with trio.open_nursery() as connection_nursery:
-                websocket = await self._handshake(connection_nursery)
+                websocket = await self._handshake(connection_nursery, opened)
                 connected()
                 try:
                     await self._serve_connection(websocket)
                 finally:
+                    # Whatever it owed goes again on the next connection.
+                    self._core.connection_lost()
+                    self._wake_room_waiters()
                     # The close handshake needs the connection's reader, which lives in
                     # `connection_nursery`, so it runs before that nursery is cancelled.
                     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
@@ -300,9 +276,15 @@ class Client:
             error = group.exceptions[0]
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             error = group.exceptions[0]
+        finally:
+            # trio-websocket leaves the TCP stream open when the server refused the
+            # handshake, dropped the connection or closed it first: it is ours to close.
+            with trio.CancelScope(shield=True):
+                for stream in opened:
+                    await stream.aclose()
         return error
 
-    async def _handshake(self, connection_nursery: trio.Nursery) -> WebSocketConnection:
+    async def _handshake(self, connection_nursery: trio.Nursery, opened: list[trio.abc.Stream]) -> WebSocketConnection:
         """Open TCP and upgrade it, failing fast when the peer hangs up mid-handshake.
 
         trio-websocket waits for the handshake until a timeout when the peer closes
@@ -316,6 +298,7 @@ class Client:
                 )
             else:
                 tcp = await trio.open_tcp_stream(self._host, self._port)
+            opened.append(tcp)
             stream = _EndWatchingStream(tcp)
             websocket: WebSocketConnection | None = None
             async with trio.open_nursery() as race:
@@ -329,7 +312,7 @@ class Client:
                         self._resource,
                         extra_headers=self._headers,
                         message_queue_size=16,
-                        max_message_size=self._limits.frame_bytes_max * 4,
+                        max_message_size=REPLY_FRAME_BYTES_MAX,
                     )
                     race.cancel_scope.cancel()
 
@@ -345,14 +328,6 @@ class Client:
         return websocket
 
     async def _serve_connection(self, websocket: WebSocketConnection) -> None:
-        # Everything unanswered goes again first, in the order it was asked.
-        unanswered = [call for _, call in sorted(self._pending.items()) if call.sent and not call.done.is_set()]
-        try:
-            for start in range(0, len(unanswered), self._batch_requests_max):
-                chunk = unanswered[start : start + self._batch_requests_max]
-                await websocket.send_message(self._codec.encode_batch([call.request for call in chunk]))
-        except ConnectionClosed:
-            return
         async with trio.open_nursery() as nursery:
 
             async def stop_when_closing() -> None:
@@ -365,38 +340,24 @@ class Client:
             nursery.cancel_scope.cancel()
 
     async def _send_loop(self, websocket: WebSocketConnection) -> None:
-        receive = self._queue_receive
-        batch_max = self._batch_requests_max
+        core = self._core
+        # Everything unanswered on the last connection is at the head of the queue: it
+        # goes first, in the order it was asked.
         while True:
-            first = await receive.receive()
-            # From the moment a call leaves the queue it counts as sent: if this
-            # connection dies before the frame goes, the next one sends it again.
-            first.sent = True
+            if not core.queued:
+                await self._queued.wait()
+            self._queued = trio.Event()
             # One scheduling round lets every caller that is ready now queue its call,
             # so concurrent calls leave together in one frame.
             await trio.lowlevel.checkpoint()
-            calls = [first]
-            while len(calls) < batch_max:
-                try:
-                    call = receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                call.sent = True
-                calls.append(call)
-            requests = [call.request for call in calls if not call.done.is_set()]
-            if not requests:
-                continue
-            payload = (
-                self._codec.encode_request(requests[0]) if len(requests) == 1 else self._codec.encode_batch(requests)
-            )
             try:
-                await websocket.send_message(payload)
+                for frame in core.frames_to_send():
+                    await websocket.send_message(frame)
             except ConnectionClosed:
-                # These calls stay pending and go again on the next connection.
+                # These calls count as sent: `connection_lost` queues them again.
                 return
 
     async def _read_loop(self, websocket: WebSocketConnection) -> None:
-        pending = self._pending
         while True:
             try:
                 payload = await websocket.get_message()
@@ -405,41 +366,16 @@ class Client:
                 return
             if isinstance(payload, str):
                 continue
-            try:
-                replies = self._codec.decode_replies(payload)
-            except RemoteProtocolError as error:
-                log.warning("unreadable frame from %s: %s", self.url, error)
-                continue
-            for reply in replies:
-                request_id = reply.get("id")
-                if request_id is None:
-                    # The server refused a whole frame (not msgpack, or a batch over its
-                    # bound): it cannot say which, so every request sent and unanswered
-                    # hears it rather than wait for a reply that will never come.
-                    self._refuse_sent_calls(ClientError(f"the server refused a frame: {reply.get('error')}"))
-                    continue
-                call = pending.get(request_id)
-                if call is not None and not call.done.is_set():
-                    call.reply = reply
-                    call.done.set()
+            self._deliver(self._core.receive_frame(payload))
 
     @property
     def failure(self) -> BaseException | None:
         """Why the client gave up (refused, unreachable, closed), or None while it is up."""
         return self._failure
 
-    def _refuse_sent_calls(self, error: BaseException) -> None:
-        for call in list(self._pending.values()):
-            if call.sent and not call.done.is_set():
-                call.reply = error
-                call.done.set()
-
     def _fail(self, error: BaseException) -> None:
         self._failure = error
-        for call in list(self._pending.values()):
-            if not call.done.is_set():
-                call.reply = error
-                call.done.set()
+        self._deliver(self._core.fail_all(str(error)))
 
     def close(self) -> None:
         """Stop: waiting calls raise ClientError, the connection closes with a handshake."""
@@ -452,9 +388,9 @@ async def open_client(
     url: str,
     token: str | None = None,
     *,
-    batch_requests_max: int = 100,
-    inflight_requests_max: int = 10_000,
-    reconnect_attempts: int = 20,
+    batch_requests_max: int = BATCH_REQUESTS_MAX,
+    inflight_requests_max: int = INFLIGHT_REQUESTS_MAX,
+    reconnect_attempts: int = RECONNECT_ATTEMPTS,
 ) -> AsyncIterator[Client]:
     """Connect to a soldout server; the client reconnects by itself until the block ends."""
     client = Client(
