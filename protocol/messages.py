@@ -39,6 +39,10 @@ class Status(StrEnum):
     # the same way.
     UNAVAILABLE = "unavailable"
 
+    def __repr__(self) -> str:
+        # A reply prints as it did when statuses were strings: Reply(status='ok', ...).
+        return repr(self.value)
+
 
 OK: Final = Status.OK
 SOLD_OUT: Final = Status.SOLD_OUT
@@ -72,6 +76,9 @@ class HoldState(StrEnum):
     CONFIRMED = "confirmed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 class Unchanged:
