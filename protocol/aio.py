@@ -50,14 +50,12 @@ from protocol.client_core import (
     Failed,
     reconnect_delay_seconds,
 )
-from protocol.limits import Limits
+from protocol.limits import CLIENT_CLOSE_SECONDS_MAX, Limits
 from protocol.messages import AnyReply, Command
 
 __all__ = ["Client", "ClientError", "open_client"]
 
 log = logging.getLogger("soldout.client")
-
-CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class Client(ClientOperations):
@@ -205,7 +203,7 @@ class Client(ClientOperations):
                         compression=None,
                         max_size=REPLY_FRAME_BYTES_MAX,
                         open_timeout=self._connect_timeout_seconds,
-                        close_timeout=CLOSE_TIMEOUT_SECONDS,
+                        close_timeout=CLIENT_CLOSE_SECONDS_MAX,
                     )
                 except InvalidStatus as refused:
                     status = refused.response.status_code
@@ -289,7 +287,7 @@ class Client(ClientOperations):
             self._deliver(core.receive_frame(payload))
 
     async def aclose(self, runner: asyncio.Task[None]) -> None:
-        """Close the connection with a handshake (bounded by CLOSE_TIMEOUT_SECONDS) and end `runner`."""
+        """Close the connection with a handshake (bounded by CLIENT_CLOSE_SECONDS_MAX) and end `runner`."""
         self.close()
         websocket = self._websocket
         try:

@@ -44,14 +44,12 @@ from protocol.client_core import (
     Failed,
     reconnect_delay_seconds,
 )
-from protocol.limits import Limits
+from protocol.limits import CLIENT_CLOSE_SECONDS_MAX, Limits
 from protocol.messages import AnyReply, Command
 
 __all__ = ["REPLY_FRAME_BYTES_MAX", "Client", "ClientError", "open_client"]
 
 log = logging.getLogger("soldout.client")
-
-CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class _EndWatchingStream(trio.abc.Stream):
@@ -269,7 +267,7 @@ class Client(ClientOperations):
                     self._wake_room_waiters()
                     # The close handshake needs the connection's reader, which lives in
                     # `connection_nursery`, so it runs before that nursery is cancelled.
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLIENT_CLOSE_SECONDS_MAX):
                         await websocket.aclose()
                 connection_nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
@@ -413,7 +411,7 @@ async def open_client(
                 client.close()
                 # The connection closes by itself; a server that does not answer the
                 # close handshake is not waited on for long.
-                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT_SECONDS
+                nursery.cancel_scope.deadline = trio.current_time() + CLIENT_CLOSE_SECONDS_MAX
     if never_connected is not None:
         raise never_connected
     if body_error is not None:

@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from protocol.codec import ClientCodec, LocalProtocolError, RemoteProtocolError, reply_from_map, request_map
-from protocol.limits import Limits
+from protocol.limits import (
+    CLIENT_BATCH_REQUESTS_MAX,
+    CLIENT_INFLIGHT_REQUESTS_MAX,
+    CLIENT_RECONNECT_ATTEMPTS,
+    CLIENT_RECONNECT_DELAY_SECONDS,
+    CLIENT_RECONNECT_DELAY_STEPS_MAX,
+    CLIENT_REPLY_FRAME_BYTES_MAX,
+    Limits,
+)
 from protocol.messages import (
     UNCHANGED,
     AnyReply,
@@ -53,17 +61,13 @@ from protocol.messages import (
     Unchanged,
 )
 
-# What the clients send in one frame unless told otherwise: well under the server's
-# batch_requests_max (1000), as SPEC.md section 6 asks.
-BATCH_REQUESTS_MAX: Final = 100
-INFLIGHT_REQUESTS_MAX: Final = 10_000
-RECONNECT_ATTEMPTS: Final = 20
-RECONNECT_DELAY_SECONDS: Final = 0.05
-# The largest reply frame a client reads (4 MiB): replies run longer than requests, so
-# a batch's replies may be larger than the frame that asked.
-REPLY_FRAME_BYTES_MAX: Final = 4 * 1_048_576
-# The backoff grows by RECONNECT_DELAY_SECONDS an attempt up to this many steps (1 s).
-RECONNECT_DELAY_STEPS_MAX: Final = 20
+# The clients' bounds and backoff live with every other bound, in protocol/limits.py.
+BATCH_REQUESTS_MAX: Final = CLIENT_BATCH_REQUESTS_MAX
+INFLIGHT_REQUESTS_MAX: Final = CLIENT_INFLIGHT_REQUESTS_MAX
+RECONNECT_ATTEMPTS: Final = CLIENT_RECONNECT_ATTEMPTS
+RECONNECT_DELAY_SECONDS: Final = CLIENT_RECONNECT_DELAY_SECONDS
+REPLY_FRAME_BYTES_MAX: Final = CLIENT_REPLY_FRAME_BYTES_MAX
+RECONNECT_DELAY_STEPS_MAX: Final = CLIENT_RECONNECT_DELAY_STEPS_MAX
 
 
 class ClientError(Exception):

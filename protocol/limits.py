@@ -65,9 +65,35 @@ DESCRIPTORS_PER_SHARD: Final = 4
 DESCRIPTORS_SPARE: Final = 48
 # Below this many sockets a server is not worth starting: raise the limit instead.
 SOCKETS_MIN: Final = 8
+# Returning freed memory to the system walks the heap: not more often than this, and
+# only after this much was let go.
+TRIM_INTERVAL_SECONDS: Final = 1.0
+TRIM_FREED_BYTES_MIN: Final = 16 * 1024 * 1024
+# Socket reads: trio-websocket's own read size, and what is read at a time (and thrown
+# away) while waiting for a closing peer to hang up.
+RECEIVE_BYTES: Final = 4096
+DRAIN_BYTES: Final = 65536
 # The metrics endpoint: scrapers served at once, and the size of a request's head.
 METRICS_CONNECTIONS_MAX: Final = 8
 METRICS_REQUEST_BYTES_MAX: Final = 16384
+
+# ------------------------------------------------------------ the clients
+# What the clients send in one frame unless told otherwise: well under the server's
+# batch_requests_max (1000), as SPEC.md section 6 asks; and the calls they keep in flight.
+CLIENT_BATCH_REQUESTS_MAX: Final = 100
+CLIENT_INFLIGHT_REQUESTS_MAX: Final = 10_000
+# The largest reply frame a client reads (4 MiB): replies run longer than requests, so
+# a batch's replies may be larger than the frame that asked.
+CLIENT_REPLY_FRAME_BYTES_MAX: Final = 4 * 1_048_576
+# After a dropped connection: attempts to reconnect, each waiting this much longer than
+# the one before, up to this many steps (1 s).
+CLIENT_RECONNECT_ATTEMPTS: Final = 20
+CLIENT_RECONNECT_DELAY_SECONDS: Final = 0.05
+CLIENT_RECONNECT_DELAY_STEPS_MAX: Final = 20
+# How long a client waits for the server's answer to its close frame.
+CLIENT_CLOSE_SECONDS_MAX: Final = 2.0
+# The admin CLI's register requests in flight at once while it streams a large buyer file.
+REGISTER_INFLIGHT_MAX: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +175,14 @@ class Limits:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(field.name for field in fields(cls))
+
+
+# The clients' defaults must fit the server's defaults.
+_SERVER_DEFAULTS = Limits()
+if (
+    _SERVER_DEFAULTS.batch_requests_max < CLIENT_BATCH_REQUESTS_MAX
+    or _SERVER_DEFAULTS.inflight_requests_max < CLIENT_INFLIGHT_REQUESTS_MAX
+):
+    raise ImportError("the clients' default batch or in-flight bound is above the server's")
+if _SERVER_DEFAULTS.frame_bytes_max > CLIENT_REPLY_FRAME_BYTES_MAX:
+    raise ImportError("a client could not read a reply frame as large as the server's request frames")

@@ -28,9 +28,16 @@ from engine.book import (
 )
 from protocol.limits import Limits
 from protocol.messages import (
+    CLOSED,
     HOLD_STATUSES,
+    INVALID,
+    LIMIT_EXCEEDED,
+    NOT_OPEN,
+    NOT_REGISTERED,
+    RESERVE_PRECEDENCE,
     RESERVE_STATUSES,
     SHARD_COMMANDS,
+    UNKNOWN_SKU,
     Cancel,
     Command,
     Confirm,
@@ -44,6 +51,7 @@ from protocol.messages import (
     Reply,
     Reserve,
     SkuReply,
+    Status,
     Stock,
     StockReply,
 )
@@ -267,6 +275,47 @@ def crowded_book() -> Book:
     put(book, stock=1, per_buyer_limit=1, hold_seconds=3600)
     assert reserve(book, "b", 1, key="b-first").status == "ok"
     return book
+
+
+@pytest.mark.parametrize("position", range(len(RESERVE_PRECEDENCE)))
+def test_a_reserve_failing_several_checks_gets_the_first_of_them_in_precedence_order(position: int) -> None:
+    """Fail the check at `position` and every one after it that can fail with it; pass the rest."""
+    failing = set(RESERVE_PRECEDENCE[position:])
+    book = crowded_book()  # sold out, and "b" at its limit
+    if NOT_OPEN in failing:
+        window = {"opens_at": NOW + 100, "closes_at": None}
+    elif CLOSED in failing:
+        window = {"opens_at": NOW - 100, "closes_at": NOW}
+    else:
+        window = {"opens_at": None, "closes_at": None}
+    put(book, stock=1, hold_seconds=3600, registration_required=NOT_REGISTERED in failing, **window)
+    sku = "nope" if UNKNOWN_SKU in failing else SKU
+    buyer = "b" if LIMIT_EXCEEDED in failing else "c"
+    qty = 0 if INVALID in failing else 1
+    assert decide_unchanged(book, Reserve(sku, buyer, qty)).status == RESERVE_PRECEDENCE[position]
+
+
+def test_statuses_and_hold_states_are_the_wire_strings() -> None:
+    assert [status.value for status in Status] == [
+        "ok",
+        "sold_out",
+        "limit_exceeded",
+        "not_open",
+        "closed",
+        "unknown_sku",
+        "not_registered",
+        "invalid",
+        "busy",
+        "expired",
+        "not_found",
+        "conflict",
+        "forbidden",
+        "unavailable",
+    ]
+    assert all(status == status.value and repr(status) == repr(status.value) for status in Status)
+    assert [state.value for state in HoldState] == ["held", "confirmed", "cancelled", "expired"]
+    assert RESERVE_PRECEDENCE[0] == "invalid"
+    assert RESERVE_PRECEDENCE[-1] == "sold_out"
 
 
 def test_precedence_invalid_beats_every_other_check() -> None:

@@ -15,13 +15,11 @@ import trio
 
 from engine.cli.times import format_time
 from protocol.client import Client, ClientError, open_client
+from protocol.limits import REGISTER_INFLIGHT_MAX
 from protocol.messages import UNCHANGED, UNKNOWN_SKU, AnyReply, SkuReply
 
 # What get-sku prints: every field of the reply.
 SKU_FIELDS = tuple(field.name for field in dataclasses.fields(SkuReply) if field.name not in ("status", "error"))
-
-# Register requests in flight at once while streaming a large buyer file.
-REGISTER_INFLIGHT_MAX = 8
 
 
 def read_buyer_ids(file: IO[str]) -> Iterator[str]:

@@ -15,9 +15,7 @@ from collections.abc import Callable
 
 import trio
 
-# Trimming walks the heap: not more often than this, and only after this much was let go.
-TRIM_INTERVAL_SECONDS = 1.0
-TRIM_FREED_BYTES_MIN = 16 * 1024 * 1024
+from protocol.limits import TRIM_FREED_BYTES_MIN, TRIM_INTERVAL_SECONDS
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -24,11 +24,10 @@ import trio
 
 from engine.server.listening import open_listeners
 from engine.server.websocket import close_gently
-from protocol.limits import METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX
+from protocol.limits import METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX, RECEIVE_BYTES
 
 log = logging.getLogger("soldout.metrics")
 
-RECEIVE_BYTES = 4096
 METHODS = (b"GET", b"HEAD")
 
 # A route answers with (HTTP status, content type, body).

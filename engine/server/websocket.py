@@ -24,9 +24,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
-DRAIN_BYTES = 65536
-# trio-websocket's own default read size.
-RECEIVE_BYTES = 4096
+from protocol.limits import DRAIN_BYTES, RECEIVE_BYTES
 
 
 class ServerWebSocket(WebSocketConnection):
