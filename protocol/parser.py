@@ -147,8 +147,7 @@ class CommandParser:
         add_id = ids.append
         add_op = ops.append
         add_command = commands.append
-        names_max = self._string_bytes_max
-        qty_max = self._qty_max
+        plain = self.plain_reserve
         request = self.request
         stats = 0
         for fields in maps:
@@ -168,15 +167,7 @@ class CommandParser:
                     (count == 5 or "key" in fields)
                     and type(request_id) is int
                     and ID_MIN <= request_id <= ID_MAX
-                    and type(sku) is str
-                    and sku.isascii()
-                    and 0 < len(sku) <= names_max
-                    and type(buyer) is str
-                    and buyer.isascii()
-                    and 0 < len(buyer) <= names_max
-                    and type(qty) is int
-                    and 0 < qty <= qty_max
-                    and (key is None or (type(key) is str and key.isascii() and 0 < len(key) <= names_max))
+                    and plain(sku, buyer, qty, key)
                 ):
                     add_id(request_id)
                     add_op("reserve")
@@ -189,6 +180,25 @@ class CommandParser:
             if command is STATS:
                 stats += 1
         return ids, ops, commands, stats
+
+    def plain_reserve(self, sku: Any, buyer: Any, qty: Any, key: Any) -> bool:
+        """The common reserve, checked fast: ASCII names within the bound, a qty in range.
+
+        True means valid; False means `reserve` must look closer (a name may be valid
+        UTF-8 beyond ASCII, or something is wrong and needs its message).
+        """
+        names_max = self._string_bytes_max
+        return (
+            type(sku) is str
+            and sku.isascii()
+            and 0 < len(sku) <= names_max
+            and type(buyer) is str
+            and buyer.isascii()
+            and 0 < len(buyer) <= names_max
+            and type(qty) is int
+            and 0 < qty <= self._qty_max
+            and (key is None or (type(key) is str and key.isascii() and 0 < len(key) <= names_max))
+        )
 
     def request(self, fields: dict[Any, Any], admin: bool = True) -> Parsed:
         """One decoded request map, well formed or not, as (id, op, command or reply); never raises.
@@ -438,7 +448,8 @@ class CommandParser:
         """A command built by hand (any values in its fields) as a valid command, or its invalid reply."""
         kind = type(command)
         if kind is Reserve:
-            return self.reserve(command.sku, command.buyer, command.qty, command.key)  # type: ignore[union-attr]
+            sku, buyer, qty, key = command.sku, command.buyer, command.qty, command.key  # type: ignore[union-attr]
+            return command if self.plain_reserve(sku, buyer, qty, key) else self.reserve(sku, buyer, qty, key)  # type: ignore[return-value]
         if kind is Confirm:
             return self.confirm(command.reservation, command.buyer, command.order)  # type: ignore[union-attr]
         if kind is Cancel:
