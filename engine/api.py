@@ -180,8 +180,7 @@ class Engine:
         Each command's fields are checked first (a bad one is answered `invalid` in its
         place); then as `decide`.
         """
-        check = self.parser.check
-        return await self.decide([check(command) for command in commands])
+        return await self.decide(self.parser.check_all(commands))
 
     async def decide(self, items: Sequence[Item]) -> list[AnyReply]:
         """Decide parsed commands (a frame's): replies in request order.
