@@ -1,0 +1,72 @@
+"""The one parser: every way into it (a batch of maps, one map, API arguments, a command
+built by hand, a batch of those) gives the same command or the same refusal.
+
+The batch paths inline the common reserve's check for speed; these tests hold them to
+the plain path, for values that are valid, barely valid and invalid in every way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.limits import Limits
+from protocol.messages import INVALID, REPLY_TYPES, Reply, Reserve
+from protocol.parser import CommandParser
+
+LIMITS = Limits(string_bytes_max=8, qty_max=5)
+PARSER = CommandParser(LIMITS)
+
+names = st.one_of(
+    st.text(max_size=10),  # empty, ASCII, non-ASCII, over the bound
+    st.text(alphabet="é", min_size=4, max_size=5),  # 8 or 10 UTF-8 bytes for 4 or 5 characters
+    st.just("\ud800"),  # a lone surrogate
+    st.none(),
+    st.integers(),
+    st.binary(max_size=3),
+)
+quantities = st.one_of(st.integers(min_value=-2, max_value=7), st.booleans(), st.floats(), st.text(max_size=2))
+keys = st.one_of(st.none(), names)
+
+
+def verdict(item: Any) -> tuple[str, Any]:
+    if isinstance(item, REPLY_TYPES):
+        return ("refused", (item.status, item.error))
+    return ("command", item)
+
+
+@settings(max_examples=500, deadline=None)
+@given(sku=names, buyer=names, qty=quantities, key=keys)
+def test_every_way_in_gives_the_same_reserve_or_the_same_refusal(sku: Any, buyer: Any, qty: Any, key: Any) -> None:
+    plain = verdict(PARSER.reserve(sku, buyer, qty, key))
+    assert verdict(PARSER.check(Reserve(sku, buyer, qty, key))) == plain
+    assert [verdict(item) for item in PARSER.check_all([Reserve(sku, buyer, qty, key)])] == [plain]
+    fields = {"id": 1, "op": "reserve", "sku": sku, "buyer": buyer, "qty": qty}
+    if key is not None:
+        fields["key"] = key
+    assert verdict(PARSER.request(fields)[2]) == plain
+    parsed = PARSER.requests([fields, fields])
+    assert parsed is not None
+    ids, ops, commands, stats = parsed
+    assert (ids, ops, stats) == ([1, 1], ["reserve", "reserve"], 0)
+    assert [verdict(item) for item in commands] == [plain, plain]
+
+
+def test_a_plain_reserve_is_kept_as_it_is_and_a_refusal_names_the_first_bad_field() -> None:
+    command = Reserve("SKU", "buyer", 2, "key")
+    assert PARSER.check_all([command])[0] is command
+    assert PARSER.reserve("SKU", "buyer", 2, "key") == command
+    assert PARSER.reserve("", "b", 9) == Reply(INVALID, error="sku must not be empty")
+    assert PARSER.reserve("SKU", "b" * 9, 1) == Reply(INVALID, error="buyer is longer than 8 bytes")
+    assert PARSER.reserve("SKU", "b", 6) == Reply(INVALID, error="qty must be an integer from 1 to 5")
+    assert PARSER.reserve("SKU", "b", True) == Reply(INVALID, error="qty must be an integer from 1 to 5")
+    assert PARSER.reserve("SKU", "b", 1, "\ud800") == Reply(
+        INVALID, error="key is not valid Unicode text (it has a lone surrogate)"
+    )
+    assert PARSER.reserve("éééé", "b", 1) == Reserve("éééé", "b", 1)  # 8 bytes: within the bound
+
+
+def test_a_batch_holding_something_that_is_not_a_map_is_refused_whole() -> None:
+    assert PARSER.requests([{"id": 1, "op": "ping"}, [1]]) is None
