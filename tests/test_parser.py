@@ -20,14 +20,19 @@ LIMITS = Limits(string_bytes_max=8, qty_max=5)
 PARSER = CommandParser(LIMITS)
 
 names = st.one_of(
-    st.text(max_size=10),  # empty, ASCII, non-ASCII, over the bound
+    # The edges, often: empty, one byte, at the bound, one over, in ASCII and beyond it.
+    st.sampled_from(["", "a", "abcdefgh", "abcdefghi", "é", "éééé", "ééééé", "aéééé"]),
+    st.text(alphabet="abc-1", max_size=10),
+    st.text(max_size=10),
     st.text(alphabet="é", min_size=4, max_size=5),  # 8 or 10 UTF-8 bytes for 4 or 5 characters
     st.just("\ud800"),  # a lone surrogate
     st.none(),
     st.integers(),
     st.binary(max_size=3),
 )
-quantities = st.one_of(st.integers(min_value=-2, max_value=7), st.booleans(), st.floats(), st.text(max_size=2))
+quantities = st.one_of(
+    st.integers(min_value=-1, max_value=6), st.booleans(), st.floats(max_value=6), st.just(2**64), st.text(max_size=2)
+)
 keys = st.one_of(st.none(), names)
 
 
@@ -52,6 +57,22 @@ def test_every_way_in_gives_the_same_reserve_or_the_same_refusal(sku: Any, buyer
     ids, ops, commands, stats = parsed
     assert (ids, ops, stats) == ([1, 1], ["reserve", "reserve"], 0)
     assert [verdict(item) for item in commands] == [plain, plain]
+
+
+EDGE_NAMES = ["", "a", "abcdefgh", "abcdefghi", "é", "éééé", "ééééé", "aéééé", "\ud800", None, 5, b"ab"]
+EDGE_QUANTITIES = [-1, 0, 1, 5, 6, True, 1.0, 2**64, "1"]
+
+
+def test_every_way_in_agrees_on_every_combination_of_edge_values() -> None:
+    """Each field at and around its bounds, against every other: the inlined checks may
+    not let through what the plain path refuses, nor refuse what it lets through."""
+    for sku in EDGE_NAMES:
+        for buyer in EDGE_NAMES:
+            for qty in EDGE_QUANTITIES:
+                for key in [None, *EDGE_NAMES]:
+                    test_every_way_in_gives_the_same_reserve_or_the_same_refusal.hypothesis.inner_test(  # type: ignore[attr-defined]
+                        sku, buyer, qty, key
+                    )
 
 
 def test_a_plain_reserve_is_kept_as_it_is_and_a_refusal_names_the_first_bad_field() -> None:
