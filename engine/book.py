@@ -366,6 +366,7 @@ class Book:
             registration_required=state.registration_required,
             registered=len(state.registered),
             open=state.is_open(now),
+            shard=self.shard,
         )
 
     def _stock(self, command: Stock) -> StockReply:

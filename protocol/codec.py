@@ -122,6 +122,7 @@ _SKU_REPLY_FIELDS: Final = (
     "registration_required",
     "registered",
     "open",
+    "shard",
 )
 _HOLD_REPLY_FIELDS: Final = ("sku", "qty", "state", "expires_at", "order")
 _STOCK_REPLY_FIELDS: Final = ("stock", "available", "held", "sold")

@@ -263,6 +263,7 @@ class SkuReply:
     registration_required: bool | None = None
     registered: int | None = None
     open: bool | None = None
+    shard: int | None = None  # the shard that owns the SKU
     error: str | None = None
 
     @property

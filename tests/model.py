@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,14 +126,16 @@ def _invalid(why: str) -> Reply:
 class Model:
     """SKUs and holds as plain dictionaries; answers as the engine must."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, shards: int = 1) -> None:
         self.limits = limits or Limits()
+        # get_sku names the SKU's shard: CRC-32 of its UTF-8 bytes, modulo the shard count.
+        self.shards = shards
         self.skus: dict[str, ModelSku] = {}
         self.holds: dict[str, ModelHold] = {}  # by reservation id
 
     def copy(self) -> Model:
         """An independent copy: later operations on either leave the other as it was."""
-        other = Model(self.limits)
+        other = Model(self.limits, self.shards)
         other.skus = {
             sku: dataclasses.replace(state, registered=set(state.registered), keys=dict(state.keys))
             for sku, state in self.skus.items()
@@ -355,6 +358,7 @@ class Model:
             registration_required=state.registration_required,
             registered=len(state.registered),
             open=is_open,
+            shard=zlib.crc32(sku.encode("utf-8")) % self.shards,
         )
 
     def stock(self, sku: Any, now: float) -> StockReply:

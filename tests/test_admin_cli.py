@@ -256,6 +256,7 @@ async def test_get_sku_prints_every_setting_counts_registered_buyers_and_open(
             "registration_required": True,
             "registered": 3,
             "open": True,
+            "shard": server.engine.route(server.engine.parser.stock(SKU)),
         }  # opens_at, closes_at and their ISO forms are null: left out of the JSON
         code, out, err = await admin("get-sku", "NOPE")
         assert (code, out) == (1, "")

@@ -1180,8 +1180,10 @@ def test_get_sku_answers_every_setting_the_counts_and_whether_it_is_open() -> No
         registration_required=False,
         registered=2,
         open=True,
+        shard=0,
     )
     assert sku_settings(book, now=NOW + 10) == expected
+    assert sku_settings(Book.from_snapshot({**book.to_snapshot(), "shard": 5}), now=NOW + 10).shard == 5
     assert sku_settings(book, now=NOW + 9.5).open is False
     assert sku_settings(book, now=NOW + 100).open is False
     assert decide_unchanged(book, GetSku("NOPE")) == SkuReply("unknown_sku")

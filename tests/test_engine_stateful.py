@@ -223,7 +223,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="soldout-stateful-")
         self.clock = trio.testing.MockClock()
-        self.model = Model()
+        self.model = Model(shards=SHARDS)
         self.reservations: list[str] = []  # every id the engine handed out, for confirm and cancel
         self.engine_thread: EngineThread | None = None
         self.config: EngineConfig | None = None

@@ -126,7 +126,7 @@ class Simulation:
             wall_clock=self.now,
             snapshot_records_min=self.random.choice([3, 12, 40, 100_000]),
         )
-        self.models = [Model() for _ in range(self.shards)]
+        self.models = [Model(shards=self.shards) for _ in range(self.shards)]
         self.checkpoints: list[list[Checkpoint]] = [[] for _ in range(self.shards)]
         self.reservations: list[str] = []
         self.keys_used = 0
