@@ -96,6 +96,11 @@ class Client(ClientOperations):
         self.reconnects = 0
 
     @property
+    def resent(self) -> int:
+        """Calls sent again on a new connection after the one they went out on dropped."""
+        return self._core.resent
+
+    @property
     def failure(self) -> BaseException | None:
         """Why the client gave up (refused, unreachable, closed), or None while it is up."""
         return self._failure

@@ -136,6 +136,11 @@ class Client(ClientOperations):
         self._closing = trio.Event()
         self.reconnects = 0
 
+    @property
+    def resent(self) -> int:
+        """Calls sent again on a new connection after the one they went out on dropped."""
+        return self._core.resent
+
     # ---------------------------------------------------------------- calls
 
     async def execute(self, commands: Sequence[Command]) -> list[AnyReply]:

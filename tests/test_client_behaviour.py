@@ -267,7 +267,8 @@ def test_calls_after_the_server_is_gone_raise_client_error(flavour: Flavour, ser
 async def reserves_across_a_crash(flavour: Flavour, server: ServerProcess, calls: int) -> dict[str, Any]:
     pid = server.process.pid if server.process is not None else 0
     killed = threading.Event()
-    async with flavour.open_client(server.url, ADMIN_TOKEN, reconnect_attempts=100) as client:
+    # Frames of 10: when the first reply arrives, most calls are still in flight, sent or not.
+    async with flavour.open_client(server.url, ADMIN_TOKEN, reconnect_attempts=100, batch_requests_max=10) as client:
         assert (await client.put_sku(SKU, stock=10 * calls, per_buyer_limit=2)).status == "ok"
 
         async def reserve(index: int) -> Reply:
@@ -286,8 +287,8 @@ async def reserves_across_a_crash(flavour: Flavour, server: ServerProcess, calls
         *first, _ = await flavour.gather(*(lambda i=i: reserve(i) for i in range(calls)), restart)
         again = await client.execute([Reserve(SKU, f"u{index}", 1, f"key-{index}") for index in range(calls)])
         stock = await client.stock(SKU)
-        reconnects = client.reconnects
-    return {"first": first, "again": again, "held": stock.held, "reconnects": reconnects}
+        reconnects, resent = client.reconnects, client.resent
+    return {"first": first, "again": again, "held": stock.held, "reconnects": reconnects, "resent": resent}
 
 
 def test_reserves_retried_across_kill_9_and_restart_return_their_first_holds(flavour: Flavour, tmp_path: Path) -> None:
@@ -296,6 +297,7 @@ def test_reserves_retried_across_kill_9_and_restart_return_their_first_holds(fla
         outcome = flavour.run(reserves_across_a_crash, running, calls)
     first, again = outcome["first"], outcome["again"]
     assert outcome["reconnects"] >= 1
+    assert outcome["resent"] > 0  # calls sent and unanswered when the server died went again
     assert [reply.status for reply in first] == ["ok"] * calls
     # One hold per reserve: a buyer may hold two, so a reserve decided twice would show.
     assert len({reply.reservation for reply in first}) == calls
