@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import trio
 
 from engine.config import EngineConfig
+from engine.remote import RemoteShard
 from engine.router import shard_for_reservation, shard_for_sku
 from engine.shard import Batch, CommitObserver, Shard, ShardStatistics
+from engine.shard import EngineClosed as EngineClosed  # raised by the methods below
 from engine.store import DataDir, ShardStore
+from protocol.codec import ServerCodec
 from protocol.limits import SKU_SHARD_CACHE_ENTRIES_MAX
 from protocol.messages import (
     INVALID,
@@ -22,6 +25,7 @@ from protocol.messages import (
     OK,
     REPLY_TYPES,
     SHARD_COMMANDS,
+    UNAVAILABLE,
     UNCHANGED,
     AnyReply,
     Cancel,
@@ -43,10 +47,6 @@ from protocol.parser import CommandParser
 # What a frame or a caller hands the engine: commands, and replies already decided
 # (the parser's `invalid`, the gateway's `forbidden`), which keep their place.
 Item = Command | AnyReply
-
-
-class EngineClosed(Exception):
-    """The engine was used after its `open_engine` block ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,17 @@ class Engine:
         self.parser = CommandParser(config.limits)
         self._shards = shards
         self._shard_count = len(shards)
+        # Where each shard's batches go: its actor in this process, or its owner elsewhere.
+        self._handles: list[Shard | RemoteShard] = list(shards)
         self._sku_shards: dict[str, int] = {}
+        self._codec = ServerCodec(config.limits, admin=True)
+
+    def assign(self, shard: int, handle: Shard | RemoteShard) -> None:
+        """Send `shard`'s batches to `handle` from now on (its owner changed)."""
+        self._handles[shard] = handle
+
+    def is_local(self, shard: int) -> bool:
+        return type(self._handles[shard]) is Shard
 
     # ------------------------------------------------------------ one command each
 
@@ -169,7 +179,7 @@ class Engine:
         if type(shard) is not int:
             return shard  # type: ignore[return-value]
         batch = Batch((item,))  # type: ignore[arg-type]
-        await self._send(shard, batch)
+        await self._handles[shard].hand_over(batch)
         return (await batch.wait())[0]
 
     # ------------------------------------------------------------ batches
@@ -182,23 +192,31 @@ class Engine:
         """
         return await self.decide(self.parser.check_all(commands))
 
-    async def decide(self, items: Sequence[Item]) -> list[AnyReply]:
+    async def decide(self, items: Sequence[Item], *, local_only: bool = False) -> list[AnyReply]:
         """Decide parsed commands (a frame's): replies in request order.
 
         The one scatter and gather of a frame: each shard's part goes to it as one batch,
         applied and committed together, and the shards work on their parts at the same
-        time. An item that is a reply already stays in its place.
+        time, in this process or at their owners. An item that is a reply already stays in
+        its place. `local_only`: a part for a shard this process does not own is answered
+        `unavailable` instead of being sent on (an owner never forwards what it was sent).
         """
         count = len(items)
         if count == 0:
             return []
         route = self.route
         targets = [route(item) for item in items]
+        if local_only:
+            targets = [
+                _unavailable(items[position]) if type(target) is int and not self.is_local(target) else target
+                for position, target in enumerate(targets)
+            ]
         first = targets[0]
+        handles = self._handles
         if type(first) is int and targets.count(first) == count:
             # The common case: a frame for one hot SKU, or a single shard.
             batch = Batch(items)  # type: ignore[arg-type]
-            await self._send(first, batch)
+            await handles[first].hand_over(batch)
             return await batch.wait()
         replies: list[AnyReply] = targets  # type: ignore[assignment]  # shards' places are filled in below
         positions: dict[int, list[int]] = {}
@@ -208,7 +226,7 @@ class Engine:
         batches: list[tuple[Batch, list[int]]] = []
         for shard, shard_positions in positions.items():
             batch = Batch([items[position] for position in shard_positions])  # type: ignore[misc]
-            await self._send(shard, batch)
+            await handles[shard].hand_over(batch)
             batches.append((batch, shard_positions))
         for batch, shard_positions in batches:
             for position, reply in zip(shard_positions, await batch.wait(), strict=True):
@@ -237,19 +255,12 @@ class Engine:
             self._sku_shards[sku] = shard
         return shard
 
-    async def _send(self, shard: int, batch: Batch) -> None:
-        mailbox = self._shards[shard].mailbox
-        # A caller already cancelled hands nothing over: a command in the mailbox is decided.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            # Without waiting when there is room (the caller checkpoints while it waits
-            # for the reply anyway); with trio's backpressure when the mailbox is full.
-            try:
-                mailbox.send_nowait(batch)
-            except trio.WouldBlock:
-                await mailbox.send(batch)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise EngineClosed("the engine is closed") from None
+    async def answer_remote(self, payload: bytes) -> bytes:
+        """Answer a batch another process sent for shards this one owns (engine/remote.py):
+        a protocol v1 batch frame in, its replies out, decided through `decide`."""
+        codec = self._codec
+        frame = codec.decode(payload)
+        return codec.encode(frame, await self.decide(frame.commands, local_only=True))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ looking inside
 
@@ -283,6 +294,10 @@ class Engine:
                     )
                 )
         return counts
+
+
+def _unavailable(item: Item) -> AnyReply:
+    return status_reply(item, UNAVAILABLE, "this node does not own the shard now; retry with the same key")
 
 
 @asynccontextmanager

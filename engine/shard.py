@@ -40,6 +40,10 @@ UNAVAILABLE_STATE = "unavailable"
 DISK_FAULTS = (OSError, JournalCorrupt, DataDirError)
 
 
+class EngineClosed(Exception):
+    """The engine was used after its `open_engine` block ended."""
+
+
 class Batch:
     """Commands handed to a shard as one unit, and the slot their replies come back in.
 
@@ -135,6 +139,20 @@ class Shard:
         self._commits = 0
         self._commit_seconds = 0.0
         self._snapshots = 0
+
+    async def hand_over(self, batch: Batch) -> None:
+        """Put `batch` in the mailbox: at once when there is room (the caller checkpoints
+        while it waits for the replies anyway), with trio's backpressure when it is full."""
+        # A caller already cancelled hands nothing over: a command in the mailbox is decided.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        mailbox = self.mailbox
+        try:
+            try:
+                mailbox.send_nowait(batch)
+            except trio.WouldBlock:
+                await mailbox.send(batch)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise EngineClosed("the engine is closed") from None
 
     async def load(self) -> RebuiltBook | None:
         """Read the book from the shard's files, changing none (a worker thread reads them).

@@ -1,0 +1,77 @@
+"""A shard another process owns: the second kind of shard the engine routes to.
+
+The engine hands a `RemoteShard` a batch exactly as it hands one to a local `Shard`; the
+remote shard sends it to the owner as one protocol v1 batch frame (the commands as
+request maps, ids their positions) over a `ShardTransport`, and resolves the batch with
+the replies that come back. The owner answers through `Engine.answer_remote`, the same
+batch entry point the gateway uses. A batch the owner cannot be reached for (no owner
+during a hand-over, no answer in time) is answered `unavailable`: it may or may not have
+been decided, and a retry with the same idempotency key returns the first answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from engine.shard import Batch
+from protocol.codec import ClientCodec, LocalProtocolError, RemoteProtocolError, reply_from_map, request_map
+from protocol.limits import Limits
+from protocol.messages import UNAVAILABLE, AnyReply, Command, status_reply
+from protocol.parser import OPS
+
+UNREACHABLE_ERROR = "the shard's owner did not answer; the outcome is unknown: retry with the same key"
+
+
+class ShardUnreachable(Exception):
+    """No owner answered for the shard (none owns it now, or it did not answer in time)."""
+
+
+class ShardTransport(Protocol):
+    async def request(self, shard: int, payload: bytes) -> bytes:
+        """Send `payload` to `shard`'s owner and return its answer; raises ShardUnreachable."""
+        ...
+
+
+class RemoteShard:
+    """`hand_over` forwards a batch to the shard's owner; the batch is resolved when it answers."""
+
+    def __init__(self, index: int, transport: ShardTransport, nursery: trio.Nursery, limits: Limits) -> None:
+        self.index = index
+        self._transport = transport
+        self._nursery = nursery
+        self._codec = ClientCodec(limits)
+        self._part_requests_max = limits.batch_requests_max
+
+    async def hand_over(self, batch: Batch) -> None:
+        # As for a local shard: a caller already cancelled hands nothing over.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._nursery.start_soon(self._forward, batch)
+
+    async def _forward(self, batch: Batch) -> None:
+        commands = batch.commands
+        replies: list[AnyReply] = []
+        step = self._part_requests_max
+        for start in range(0, len(commands), step):
+            replies.extend(await self._forward_part(commands[start : start + step]))
+        batch.resolve(replies)
+
+    async def _forward_part(self, commands: Sequence[Command]) -> list[AnyReply]:
+        maps = [request_map(position, command) for position, command in enumerate(commands)]
+        try:
+            answer = await self._transport.request(self.index, self._codec.encode_batch(maps))
+            received = self._codec.decode_replies(answer)
+        except (ShardUnreachable, RemoteProtocolError, LocalProtocolError):
+            return [status_reply(command, UNAVAILABLE, UNREACHABLE_ERROR) for command in commands]
+        by_position = {reply.get("id"): reply for reply in received}
+        replies = []
+        for position, (command, fields) in enumerate(zip(commands, maps, strict=True)):
+            reply = by_position.get(position)
+            if reply is None or fields["op"] not in OPS:
+                # An owner that lost a reply broke the protocol: nothing of it is known.
+                replies.append(status_reply(command, UNAVAILABLE, UNREACHABLE_ERROR))
+            else:
+                replies.append(reply_from_map(fields["op"], reply))
+        return replies
