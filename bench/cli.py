@@ -367,9 +367,9 @@ def write_and_check(
         print(human_summary(report))
     checks = sum(len(report.checks) for report in runs)
     if failed:
-        print(f"correctness checks FAILED: {failed} problems in {checks} checks over {len(runs)} runs")
+        print(f"correctness checks FAILED: {failed} problems in {checks} checks over {_runs(len(runs))}")
         return 1
-    print(f"correctness checks passed: {checks} checks over {len(runs)} runs")
+    print(f"correctness checks passed: {checks} checks over {_runs(len(runs))}")
     return 0
 
 
@@ -677,3 +677,7 @@ def _load_average() -> str:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def _runs(count: int) -> str:
+    return "1 run" if count == 1 else f"{count:,} runs"
