@@ -1,0 +1,6 @@
+"""soldout's cluster mode: shards owned by lease across processes over NATS JetStream.
+
+`engine.cluster.nats` is the one module that talks to NATS (nats-py, an asyncio
+library, driven from trio through trio-asyncio); nothing else in soldout imports
+nats, asyncio or trio_asyncio. Its interface is plain trio and its errors are its own.
+"""
