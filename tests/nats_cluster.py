@@ -200,6 +200,14 @@ class NatsCluster:
                             return str(leader)
         return None
 
+    def wait_stream_leader(self, stream: str, other_than: str | None = None, seconds: float = READY_SECONDS) -> str:
+        """The leader of `stream` (not `other_than`) once the servers report one; fails past `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (leader := self.stream_leader(stream)) in (None, other_than):
+            assert time.monotonic() < deadline, f"stream {stream} has no leader after {seconds} s"
+            time.sleep(POLL_SECONDS)
+        return leader
+
     def index_of(self, server_name: str) -> int:
         return next(index for index, server in enumerate(self.servers) if server.name == server_name)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ast
 import itertools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -29,6 +30,7 @@ from engine.cluster.nats import (
 )
 
 REPLICAS = 3
+T = TypeVar("T")
 _names = itertools.count()
 
 
@@ -148,7 +150,9 @@ async def test_a_stale_expected_sequence_is_refused(nats: Nats) -> None:
     with pytest.raises(WrongLastSequence):
         await nats.publish(subject, b"owner-a:2", msg_id="a2", expected_last_subject_sequence=first)
     with pytest.raises(WrongLastSequence):
-        await nats.publish(f"{prefix}.shard-2", b"late", msg_id="c1", expected_last_subject_sequence=1)
+        await nats.publish(subject, b"owner-c:fresh", msg_id="c1", expected_last_subject_sequence=0)
+    with pytest.raises(WrongLastSequence):
+        await nats.publish(f"{prefix}.shard-2", b"late", msg_id="d1", expected_last_subject_sequence=1)
     assert await nats.read(stream, subject, 1) == [(first, b"owner-a:1"), (second, b"owner-b:takeover")]
 
 
@@ -197,7 +201,7 @@ async def test_purge_keeps_the_subject_from_a_sequence(nats: Nats) -> None:
 
 
 async def test_publish_to_a_subject_no_stream_takes_fails(nats: Nats) -> None:
-    with pytest.raises(NatsError, match="no stream"):
+    with pytest.raises(NatsError, match="no stream answered"):
         await nats.publish(unique("nowhere."), b"x", msg_id="x")
 
 
@@ -308,31 +312,59 @@ async def test_an_unreachable_cluster_raises_nats_unavailable_in_one_line() -> N
     assert all(url in message for url in urls)
 
 
+async def test_an_error_in_the_block_comes_out_as_itself(nats_cluster: NatsCluster) -> None:
+    """trio-asyncio's own nurseries do not wrap the caller's exception in a group."""
+
+    async def create_twice() -> None:
+        async with open_nats(nats_cluster.urls, name="soldout-test", connect_seconds=10.0) as nats:
+            bucket = await nats.key_value(unique("kv"), replicas=REPLICAS)
+            await bucket.create("k", b"v")
+            await bucket.create("k", b"v")
+
+    with pytest.raises(KeyExists):
+        await create_twice()
+
+
 # -- a server dies -----------------------------------------------------------------------
 
 
-async def test_publish_is_acknowledged_with_one_of_three_servers_killed(nats_cluster: NatsCluster, nats: Nats) -> None:
+async def test_publish_is_acknowledged_with_one_of_three_servers_killed(nats_cluster: NatsCluster) -> None:
+    # Short operations, so that an append the dead leader swallowed is retried soon.
+    async with open_nats(nats_cluster.urls, name="soldout-test", connect_seconds=10.0, operation_seconds=1.0) as nats:
+        await appends_survive_the_stream_leader_killed(nats_cluster, nats)
+
+
+async def appends_survive_the_stream_leader_killed(nats_cluster: NatsCluster, nats: Nats) -> None:
     stream, prefix = await new_stream(nats)
     subject = f"{prefix}.shard-0"
     before = await nats.publish(subject, b"before", msg_id="before")
-    leader = nats_cluster.stream_leader(stream)
-    assert leader is not None
+    leader = await trio.to_thread.run_sync(nats_cluster.wait_stream_leader, stream)
     victim = nats_cluster.index_of(leader)
     nats_cluster.kill_server(victim)
     try:
-        # The stream elects a new leader among the two left; until it has, an append may
-        # fail, and the same message id makes the retry safe.
-        with trio.fail_after(30.0):
-            while True:
-                try:
-                    after = await nats.publish(subject, b"after", msg_id="after", expected_last_subject_sequence=before)
-                    break
-                except NatsError:
-                    await trio.sleep(0.1)
+        after = await once_answered(
+            lambda: nats.publish(subject, b"after", msg_id="after", expected_last_subject_sequence=before)
+        )
         assert after > before
-        assert await nats.read(stream, subject, 1) == [(before, b"before"), (after, b"after")]
+        # Two of three servers hold the stream: its new leader has both appends.
+        assert await trio.to_thread.run_sync(nats_cluster.wait_stream_leader, stream, leader) != leader
+        assert await once_answered(lambda: nats.read(stream, subject, 1)) == [(before, b"before"), (after, b"after")]
     finally:
         await trio.to_thread.run_sync(nats_cluster.restart_server, victim)
+
+
+async def once_answered(call: Callable[[], Awaitable[T]], seconds: float = 30.0) -> T:
+    """The result of `call`, retried while the cluster fails it (a new leader is being elected).
+
+    The stream and the JetStream meta group each elect a new leader after a server dies,
+    in a few seconds; a retried append is safe because it repeats its message id.
+    """
+    with trio.fail_after(seconds):
+        while True:
+            try:
+                return await call()
+            except NatsError:
+                await trio.sleep(0.1)
 
 
 # -- the layout --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -263,7 +264,10 @@ class Nats:
             if _err_code(error) == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(f"{subject}: {error}") from error.__cause__
             if _is(error, nats.errors.NoRespondersError) or _is(error, nats.js.errors.NoStreamResponseError):
-                raise NatsError(f"no stream takes {subject}") from error.__cause__
+                # Also what a stream answers while it elects a leader: worth a retry.
+                raise NatsError(f"no stream answered on {subject}: none takes it, or it has no leader yet") from (
+                    error.__cause__
+                )
             raise
         return int(ack.seq)
 
@@ -290,7 +294,12 @@ class Nats:
         last = await self.last_sequence(stream, subject)
         if last < start_sequence:
             return []
+        # An ephemeral consumer of this subject alone, from the start sequence, that
+        # nobody acknowledges; deleted once read (and by the server if this task dies).
+        consumer = f"replay-{uuid.uuid4().hex}"
         config = ConsumerConfig(
+            name=consumer,
+            filter_subject=subject,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start_sequence,
             ack_policy=AckPolicy.NONE,
@@ -298,29 +307,37 @@ class Nats:
             num_replicas=1,
             inactive_threshold=max(self._operation_seconds, 5.0),
         )
-        subscription = await _call(self._jetstream.pull_subscribe, subject, stream=stream, config=config)
+        await _call(self._jetstream.add_consumer, stream, config)
         messages: list[tuple[int, bytes]] = []
         try:
-            while len(messages) < count_max:
-                batch = await _call(
-                    subscription.fetch, batch=min(count_max - len(messages), 256), timeout=self._operation_seconds
-                )
-                for message in batch:
-                    sequence = int(message.metadata.sequence.stream)
-                    if sequence > last:
+            subscription = await _call(self._jetstream.pull_subscribe_bind, consumer=consumer, stream=stream)
+            try:
+                while len(messages) < count_max:
+                    batch = await _call(
+                        subscription.fetch, batch=min(count_max - len(messages), 256), timeout=self._operation_seconds
+                    )
+                    for message in batch:
+                        sequence = int(message.metadata.sequence.stream)
+                        if sequence > last:
+                            return messages
+                        messages.append((sequence, message.data))
+                    if not batch or messages[-1][0] >= last or batch[-1].metadata.num_pending == 0:
                         return messages
-                    messages.append((sequence, message.data))
-                if not batch or messages[-1][0] >= last or batch[-1].metadata.num_pending == 0:
-                    return messages
-            return messages
+                return messages
+            finally:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._operation_seconds),
+                    contextlib.suppress(NatsError),
+                ):
+                    await _call(subscription.unsubscribe)
         finally:
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(self._operation_seconds),
                 contextlib.suppress(NatsError),
             ):
-                await _call(subscription.unsubscribe)
-                await _call(self._jetstream.delete_consumer, stream, subscription._consumer)
+                await _call(self._jetstream.delete_consumer, stream, consumer)
 
     async def purge(self, stream: str, subject: str, keep_from_sequence: int) -> None:
         """Removes the messages on `subject` with a sequence below `keep_from_sequence`."""
