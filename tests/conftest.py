@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from nats_cluster import nats_cluster  # noqa: F401 (a fixture: a three-server JetStream cluster per session)
 
 from engine import EngineConfig
 

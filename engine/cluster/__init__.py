@@ -1,1 +1,8 @@
-"""soldout as a cluster: shards owned by lease across nodes, on NATS JetStream."""
+"""soldout's cluster mode: shards owned by lease across processes over NATS JetStream.
+
+`engine.cluster.nats` is the one module that talks to NATS (nats-py, an asyncio
+library, driven from trio through trio-asyncio); nothing else in soldout imports
+nats, asyncio or trio_asyncio. Its interface is plain trio and its errors are its own.
+`leases` plans who owns which shard, and `journal_format` is a shard's journal as
+stream messages; both are pure.
+"""
