@@ -671,13 +671,13 @@ def finish_wire(
     return write_and_check(arguments, settings, title, rounds)
 
 
+def _runs(count: int) -> str:
+    return "1 run" if count == 1 else f"{count:,} runs"
+
+
 def _load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def _runs(count: int) -> str:
-    return "1 run" if count == 1 else f"{count:,} runs"
