@@ -77,6 +77,10 @@ DRAIN_BYTES: Final = 65536
 METRICS_CONNECTIONS_MAX: Final = 8
 METRICS_REQUEST_BYTES_MAX: Final = 16384
 
+# ------------------------------------------------------------ the cluster
+# Journal messages read from JetStream per call while a shard's owner replays.
+CLUSTER_REPLAY_READ_MESSAGES_MAX: Final = 1024
+
 # ------------------------------------------------------------ the clients
 # What the clients send in one frame unless told otherwise: well under the server's
 # batch_requests_max (1000), as SPEC.md section 6 asks; and the calls they keep in flight.
