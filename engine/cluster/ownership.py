@@ -1,0 +1,246 @@
+"""Shard ownership by lease, kept in a replicated JetStream key-value bucket.
+
+Every node keeps a heartbeat key (`node.<name>`) fresh; the owner of shard n holds the
+key `shard.<n>` and renews it with a compare-and-set every `lease_seconds / 3`. Liveness
+is judged by what each node sees change, on its own monotonic clock, never by comparing
+wall clocks: a heartbeat or a lease whose revision has not moved for `lease_seconds` is
+dead. The plan (`engine.cluster.leases`) says which free shards to take and which to
+hand off; taking is a create (or a compare-and-set over a dead lease), so two nodes never
+both win. A shard's epoch is the revision of the write that took it, which the bucket
+never reuses: every takeover has a higher epoch than the one before, as the journal's
+fencing needs.
+
+A node stops serving a shard the moment a renewal fails, and on its own when it has not
+renewed for two thirds of `lease_seconds` (so it is gone before anyone may take over).
+A handed-off lease is written back as released (no owner), never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgpack
+import trio
+
+from engine.cluster.leases import Lease, plan
+from engine.cluster.nats import KeyExists, KeyValueBucket, NatsError, WrongRevision
+
+log = logging.getLogger("soldout.cluster")
+
+OWNERS_BUCKET = "soldout_owners"
+RELEASED = ""  # the owner of a lease handed off
+
+
+def shard_key(shard: int) -> str:
+    return f"shard.{shard}"
+
+
+def node_key(node: str) -> str:
+    return f"node.{node}"
+
+
+@dataclass(slots=True)
+class _Seen:
+    revision: int
+    changed_at: float  # trio.current_time() when this node first saw the revision
+
+
+@dataclass(slots=True)
+class _Held:
+    epoch: int
+    revision: int
+
+
+Acquire = Callable[[int, int], Awaitable[bool]]  # (shard, epoch) -> serving now
+Release = Callable[[int], Awaitable[None]]  # shard: stop serving it (and commit what was decided)
+
+
+class LeaseKeeper:
+    """One node's side of the ownership protocol: `run` keeps it going until cancelled."""
+
+    def __init__(
+        self,
+        bucket: KeyValueBucket,
+        node: str,
+        shards: int,
+        lease_seconds: float,
+        *,
+        acquire: Acquire,
+        release: Release,
+        owns_shards: bool = True,
+    ) -> None:
+        assert lease_seconds > 0
+        self.bucket = bucket
+        self.node = node
+        self.shards = shards
+        self.lease_seconds = lease_seconds
+        self.owns_shards = owns_shards
+        self._acquire = acquire
+        self._release = release
+        self.held: dict[int, _Held] = {}
+        self.owners: dict[int, str | None] = {}  # as last seen, for the cluster view
+        self.live_nodes: list[str] = [node]
+        self._seen: dict[str, _Seen] = {}
+        self._heartbeat_revision: int | None = None
+        self._renewed_at = -math.inf
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while True:
+            try:
+                await self.round()
+            except NatsError as error:
+                log.warning("node %s: ownership round failed (%s); retrying", self.node, error)
+            await self._step_down_if_stale()
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.lease_seconds / 3)
+
+    async def round(self) -> None:
+        """Heartbeat, renew, look, then take and hand off as the plan says."""
+        await self._heartbeat()
+        await self._renew()
+        leases, live = await self._look()
+        if not self.owns_shards:
+            return
+        step = plan(self.node, self.shards, leases, live)
+        for shard in step.take:
+            await self._take(shard)
+        for shard in step.hand_off:
+            await self._hand_off(shard)
+
+    async def stop(self) -> None:
+        """Hand every shard off cleanly (a node leaving on purpose)."""
+        for shard in sorted(self.held):
+            await self._hand_off(shard)
+
+    # ---------------------------------------------------------------- the steps
+
+    async def _heartbeat(self) -> None:
+        key = node_key(self.node)
+        if self._heartbeat_revision is not None:
+            try:
+                self._heartbeat_revision = await self.bucket.update(key, b"", self._heartbeat_revision)
+                return
+            except WrongRevision:
+                pass
+        current = await self.bucket.get(key)
+        if current is None:
+            try:
+                self._heartbeat_revision = await self.bucket.create(key, b"")
+                return
+            except KeyExists:
+                current = await self.bucket.get(key)
+        assert current is not None
+        self._heartbeat_revision = await self.bucket.update(key, b"", current[1])
+
+    async def _renew(self) -> None:
+        renewed_all = True
+        for shard, held in sorted(self.held.items()):
+            try:
+                held.revision = await self.bucket.update(
+                    shard_key(shard), _encode(self.node, held.epoch), held.revision
+                )
+            except WrongRevision:
+                # Someone else wrote the lease: it is not ours any more. Stop at once.
+                renewed_all = False
+                log.warning("node %s: lost the lease of shard %d (epoch %d)", self.node, shard, held.epoch)
+                del self.held[shard]
+                await self._release(shard)
+        if renewed_all:
+            self._renewed_at = trio.current_time()
+
+    async def _look(self) -> tuple[dict[int, Lease | None], list[str]]:
+        now = trio.current_time()
+        keys = await self.bucket.keys()
+        values: dict[str, tuple[bytes, int]] = {}
+        for key in keys:
+            entry = await self.bucket.get(key)
+            if entry is not None:
+                values[key] = entry
+        for key, (_, revision) in values.items():
+            seen = self._seen.get(key)
+            if seen is None or seen.revision != revision:
+                self._seen[key] = _Seen(revision, now)
+
+        def fresh(key: str) -> bool:
+            seen = self._seen.get(key)
+            return seen is not None and now - seen.changed_at < self.lease_seconds
+
+        live = sorted(
+            {key.removeprefix("node.") for key in values if key.startswith("node.") and fresh(key)} | {self.node}
+        )
+        leases: dict[int, Lease | None] = {}
+        for shard in range(self.shards):
+            key = shard_key(shard)
+            if shard in self.held:
+                leases[shard] = Lease(self.node, self.held[shard].epoch)
+            elif key in values and fresh(key):
+                owner, epoch = _decode(values[key][0])
+                leases[shard] = None if owner == RELEASED else Lease(owner, epoch)
+            else:
+                leases[shard] = None
+        self.live_nodes = live
+        self.owners = {shard: lease.node if lease else None for shard, lease in leases.items()}
+        return leases, live
+
+    async def _take(self, shard: int) -> None:
+        key = shard_key(shard)
+        current = await self.bucket.get(key)
+        try:
+            if current is None:
+                epoch = await self.bucket.create(key, _encode(self.node, 0))
+            else:
+                owner, _ = _decode(current[0])
+                seen = self._seen.get(key)
+                if seen is None or seen.revision != current[1]:
+                    return  # it moved since we looked: its owner is alive, or someone took it
+                dead = trio.current_time() - seen.changed_at >= self.lease_seconds
+                if owner != RELEASED and not dead:
+                    return  # its owner still renews it (only its heartbeat was late)
+                epoch = await self.bucket.update(key, _encode(self.node, 0), current[1])
+        except (KeyExists, WrongRevision):
+            return  # another node won it
+        # The epoch is the revision that took it; the value says so from the first renewal.
+        revision = await self.bucket.update(key, _encode(self.node, epoch), epoch)
+        self.held[shard] = _Held(epoch, revision)
+        log.info("node %s: took shard %d (epoch %d)", self.node, shard, epoch)
+        if not await self._acquire(shard, epoch):
+            await self._hand_off(shard)
+
+    async def _hand_off(self, shard: int) -> None:
+        held = self.held.pop(shard, None)
+        if held is None:
+            return
+        await self._release(shard)
+        try:
+            await self.bucket.update(shard_key(shard), _encode(RELEASED, held.epoch), held.revision)
+            log.info("node %s: handed shard %d off (epoch %d)", self.node, shard, held.epoch)
+        except WrongRevision:
+            pass  # already taken over
+
+    async def _step_down_if_stale(self) -> None:
+        """Not renewed for two thirds of the lease: stop serving before anyone may take over."""
+        if self.held and trio.current_time() - self._renewed_at > self.lease_seconds * 2 / 3:
+            log.error("node %s: leases not renewed in time; stepping down from %s", self.node, sorted(self.held))
+            for shard in list(self.held):
+                del self.held[shard]
+                await self._release(shard)
+
+
+def _encode(node: str, epoch: int) -> bytes:
+    return msgpack.packb([node, epoch])
+
+
+def _decode(value: bytes) -> tuple[str, int]:
+    try:
+        node, epoch = msgpack.unpackb(value)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return RELEASED, 0  # unreadable: treated as free, and taken over under a new epoch
+    if type(node) is not str or type(epoch) is not int:
+        return RELEASED, 0
+    return node, epoch
