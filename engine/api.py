@@ -87,10 +87,11 @@ class Engine:
     def __init__(self, config: EngineConfig, shards: list[Shard]) -> None:
         self.config = config
         self.parser = CommandParser(config.limits)
-        self._shards = shards
-        self._shard_count = len(shards)
-        # Where each shard's batches go: its actor in this process, or its owner elsewhere.
-        self._handles: list[Shard | RemoteShard] = list(shards)
+        self._shard_count = config.shards
+        # Where each shard's batches go: its actor in this process, or its owner elsewhere
+        # (an engine of a cluster node starts with none here and is assigned them).
+        assert not shards or len(shards) == config.shards
+        self._handles: list[Shard | RemoteShard] = list(shards) if shards else [None] * config.shards  # type: ignore[list-item]
         self._sku_shards: dict[str, int] = {}
         self._codec = ServerCodec(config.limits, admin=True)
 
@@ -99,7 +100,12 @@ class Engine:
         self._handles[shard] = handle
 
     def is_local(self, shard: int) -> bool:
-        return type(self._handles[shard]) is Shard
+        return isinstance(self._handles[shard], Shard)
+
+    @property
+    def _shards(self) -> list[Shard]:
+        """The shards decided in this process now."""
+        return [handle for handle in self._handles if isinstance(handle, Shard)]
 
     # ------------------------------------------------------------ one command each
 

@@ -111,12 +111,12 @@ class LeaseKeeper:
         for shard in step.take:
             await self._take(shard)
         for shard in step.hand_off:
-            await self._hand_off(shard)
+            await self.hand_off(shard)
 
     async def stop(self) -> None:
         """Hand every shard off cleanly (a node leaving on purpose)."""
         for shard in sorted(self.held):
-            await self._hand_off(shard)
+            await self.hand_off(shard)
 
     # ---------------------------------------------------------------- the steps
 
@@ -210,9 +210,10 @@ class LeaseKeeper:
         self.held[shard] = _Held(epoch, revision)
         log.info("node %s: took shard %d (epoch %d)", self.node, shard, epoch)
         if not await self._acquire(shard, epoch):
-            await self._hand_off(shard)
+            await self.hand_off(shard)
 
-    async def _hand_off(self, shard: int) -> None:
+    async def hand_off(self, shard: int) -> None:
+        """Stop serving `shard` (the release callback), then write its lease back as released."""
         held = self.held.pop(shard, None)
         if held is None:
             return

@@ -1,0 +1,195 @@
+"""One soldout node of a cluster: the shards it owns served here, every other shard at its owner.
+
+`open_cluster_engine` connects the node's parts: the lease keeper decides which shards
+this node owns; for each shard it wins, a `ClusterShard` (the shard actor, committing to
+the shard's JetStream journal instead of a file) takes the journal over, recovers the
+book and serves, and the node answers the shard's NATS subject (`soldout.shard.<n>`)
+through `Engine.answer_remote`; for every other shard the engine holds a `RemoteShard`
+that sends batches to that subject. The engine the caller gets is the same `Engine` the
+gateway and the embedded API use.
+
+A shard whose commit fails stops deciding (its batches are answered `unavailable`) and
+is handed back, to be taken again under a new epoch and recovered from the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from engine.api import Engine
+from engine.book import Record
+from engine.cluster.journal import Fenced, ShardJournal, ensure_storage
+from engine.cluster.nats import Nats, NatsError, NoResponders, RequestTimeout
+from engine.cluster.ownership import OWNERS_BUCKET, LeaseKeeper
+from engine.config import EngineConfig
+from engine.remote import RemoteShard, ShardUnreachable
+from engine.shard import Shard
+
+log = logging.getLogger("soldout.cluster")
+
+
+def shard_subject(shard: int) -> str:
+    return f"soldout.shard.{shard}"
+
+
+class NatsShardTransport:
+    """A batch for a shard goes to whoever answers its subject: its owner."""
+
+    def __init__(self, nats: Nats, timeout_seconds: float) -> None:
+        self._nats = nats
+        self._timeout_seconds = timeout_seconds
+
+    async def request(self, shard: int, payload: bytes) -> bytes:
+        try:
+            return await self._nats.request(shard_subject(shard), payload, timeout_seconds=self._timeout_seconds)
+        except (NoResponders, RequestTimeout) as error:
+            raise ShardUnreachable(f"shard {shard}: {error}") from error
+        except NatsError as error:
+            raise ShardUnreachable(f"shard {shard}: {error}") from error
+
+
+class ClusterShard(Shard):
+    """The shard actor over a JetStream journal: a group commit is one acknowledged publish."""
+
+    def __init__(self, index: int, config: EngineConfig, journal: ShardJournal) -> None:
+        super().__init__(index, config, None)
+        self.journal = journal
+        self.failed = trio.Event()  # set when a commit failed: the node hands the shard back
+
+    async def _commit_or_fault(self, records: list[Record], commands: int, background: trio.Nursery) -> bool:
+        try:
+            await self.journal.commit(records)
+        except (Fenced, NatsError) as error:
+            # Fenced: a newer owner holds the shard. Otherwise the outcome is unknown. Either
+            # way the book may be ahead of the journal: decide nothing more with it.
+            self._faults += 1
+            self.fault = error
+            log.error("shard %d: commit to the journal failed (%s): stepping down", self.index, error)
+            self.failed.set()
+            return False
+        self._commits += 1
+        return True
+
+
+class ClusterNode:
+    """The shards this node serves, started and stopped as the lease keeper says."""
+
+    def __init__(
+        self,
+        nats: Nats,
+        engine: Engine,
+        node: str,
+        *,
+        replicas: int,
+        nursery: trio.Nursery,
+        transport: NatsShardTransport,
+    ) -> None:
+        self.nats = nats
+        self.engine = engine
+        self.node = node
+        self.replicas = replicas
+        self._nursery = nursery
+        self._transport = transport
+        self._serving: dict[int, tuple[ClusterShard, trio.CancelScope, trio.Event]] = {}
+        self.keeper: LeaseKeeper | None = None
+
+    def remote(self, shard: int) -> RemoteShard:
+        return RemoteShard(shard, self._transport, self._nursery, self.engine.config.limits)
+
+    async def acquire(self, shard: int, epoch: int) -> bool:
+        """Take the shard's journal over for `epoch`, recover its book, and serve it."""
+        config = self.engine.config
+        journal = ShardJournal(self.nats, shard, epoch, self.node, config.limits, replicas=self.replicas)
+        try:
+            recovered = await journal.take_over()
+        except (Fenced, NatsError) as error:
+            log.warning("node %s: could not take shard %d over (%s)", self.node, shard, error)
+            return False
+        actor = ClusterShard(shard, config, journal)
+        actor.book = recovered.book
+        scope = trio.CancelScope()
+        stopped = trio.Event()
+        await self._nursery.start(self._serve_shard, actor, scope, stopped)
+        self.engine.assign(shard, actor)
+        self._serving[shard] = (actor, scope, stopped)
+        log.info("node %s: serving shard %d (epoch %d)", self.node, shard, epoch)
+        return True
+
+    async def release(self, shard: int) -> None:
+        """Stop serving the shard: new batches go to its next owner; those handed over are decided first."""
+        self.engine.assign(shard, self.remote(shard))
+        serving = self._serving.pop(shard, None)
+        if serving is None:
+            return
+        actor, scope, stopped = serving
+        actor.mailbox.close()
+        await stopped.wait()
+        scope.cancel()
+
+    async def _serve_shard(
+        self, actor: ClusterShard, scope: trio.CancelScope, stopped: trio.Event, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_actor, actor, stopped)
+                await nursery.start(self.nats.serve, shard_subject(actor.index), self.engine.answer_remote)
+                task_status.started()
+                nursery.start_soon(self._hand_back_on_failure, actor)
+                # The actor ends once `release` closed its mailbox and it decided what was in it.
+                await stopped.wait()
+                nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _run_actor(actor: ClusterShard, stopped: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await actor.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    async def _hand_back_on_failure(self, actor: ClusterShard) -> None:
+        await actor.failed.wait()
+        if self.keeper is not None and actor.index in self.keeper.held:
+            await self.keeper.hand_off(actor.index)
+
+
+@asynccontextmanager
+async def open_cluster_engine(
+    nats: Nats,
+    config: EngineConfig,
+    node: str,
+    *,
+    replicas: int,
+    lease_seconds: float,
+    owns_shards: bool = True,
+    request_timeout_seconds: float = 2.0,
+) -> AsyncIterator[tuple[Engine, ClusterNode]]:
+    """An engine whose shards are owned across the cluster; leaves hand this node's shards off."""
+    await ensure_storage(nats, replicas)
+    bucket = await nats.key_value(OWNERS_BUCKET, replicas=replicas)
+    async with trio.open_nursery() as nursery:
+        transport = NatsShardTransport(nats, request_timeout_seconds)
+        engine = Engine(config, [])
+        cluster = ClusterNode(nats, engine, node, replicas=replicas, nursery=nursery, transport=transport)
+        for shard in range(config.shards):
+            engine.assign(shard, cluster.remote(shard))
+        keeper = LeaseKeeper(
+            bucket,
+            node,
+            config.shards,
+            lease_seconds,
+            acquire=cluster.acquire,
+            release=cluster.release,
+            owns_shards=owns_shards,
+        )
+        cluster.keeper = keeper
+        await nursery.start(keeper.run)
+        try:
+            yield engine, cluster
+        finally:
+            with trio.CancelScope(shield=True):
+                await keeper.stop()
+            nursery.cancel_scope.cancel()
