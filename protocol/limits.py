@@ -80,6 +80,10 @@ METRICS_REQUEST_BYTES_MAX: Final = 16384
 # ------------------------------------------------------------ the cluster
 # Journal messages read from JetStream per call while a shard's owner replays.
 CLUSTER_REPLAY_READ_MESSAGES_MAX: Final = 1024
+# How long a node waits for NATS at start before it gives up with one line.
+CLUSTER_CONNECT_SECONDS_MAX: Final = 10.0
+# How long a batch for another node's shard waits for its answer before it is unavailable.
+CLUSTER_REQUEST_SECONDS_MAX: Final = 2.0
 
 # ------------------------------------------------------------ the clients
 # What the clients send in one frame unless told otherwise: well under the server's

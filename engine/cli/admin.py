@@ -77,10 +77,37 @@ async def _run(arguments: argparse.Namespace) -> int:
         if operation == "stats":
             print(json.dumps(await client.stats(), indent=2, sort_keys=True))
             return 0
+        if operation == "cluster":
+            print(cluster_table((await client.stats()).get("cluster")))
+            return 0
         if operation == "register":
             assert file is not None
             return await _register(client, arguments, file)
     return 2
+
+
+def cluster_table(view: dict[str, Any] | None) -> str:
+    """The stats reply's cluster view as a table: the node asked, the live nodes, and for
+    each node the shards it owns (then the shards that have no owner now)."""
+    if view is None:
+        raise AdminError("this server is a single node, not part of a cluster (its config has no [cluster])")
+    owners: dict[str, str | None] = view.get("owners", {})
+    by_node: dict[str, list[int]] = {node: [] for node in view.get("nodes", [])}
+    unowned = []
+    for shard, node in sorted(owners.items(), key=lambda item: int(item[0])):
+        if node is None:
+            unowned.append(int(shard))
+        else:
+            by_node.setdefault(node, []).append(int(shard))
+    width = max([len("node"), *(len(node) for node in by_node)])
+    lines = [f"asked: {view.get('node')}   live nodes: {', '.join(view.get('nodes', [])) or '-'}", ""]
+    lines.append(f"{'node':<{width}}  shards  owned")
+    for node, shards in sorted(by_node.items()):
+        live = "" if node in view.get("nodes", []) else "  (not live)"
+        lines.append(f"{node:<{width}}  {len(shards):>6}  {', '.join(map(str, shards)) or '-'}{live}")
+    if unowned:
+        lines.append(f"{'(none)':<{width}}  {len(unowned):>6}  {', '.join(map(str, unowned))}")
+    return "\n".join(lines)
 
 
 def _open_buyer_file(path: str) -> IO[str]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from engine.cli.times import TimeFormatError, parse_time, parse_time_or_clear
+from engine.cluster import ClusterUnavailable
 from engine.journal import JournalCorrupt
 from engine.server.config import (
     ConfigError,
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-host", help="address of /metrics (default 127.0.0.1; elsewhere it asks for an admin token)"
     )
+    serve.add_argument(
+        "--cluster", metavar="URL[,URL...]", help="join a cluster: its NATS servers ([cluster] nats_urls)"
+    )
+    serve.add_argument("--node", help="this node's name in the cluster ([cluster] node)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     serve.add_argument(
         "--apply-config-skus",
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     stock = operations.add_parser("stock", help="a SKU's stock, available, held and sold")
     stock.add_argument("sku", help="the SKU's id")
     operations.add_parser("stats", help="the server's figures")
+    operations.add_parser("cluster", help="a cluster's view: each shard's owner, and the live nodes")
 
     export = commands.add_parser("export", help="write every hold of a data directory as JSON lines")
     export.add_argument("--data-dir", required=True, help="the data directory of a stopped or running server")
@@ -172,16 +178,22 @@ def _serve(arguments: argparse.Namespace) -> int:
         data_dir=arguments.data_dir,
         metrics_port=arguments.metrics_port,
         metrics_host=arguments.metrics_host,
+        cluster_urls=arguments.cluster,
+        node=arguments.node,
     )
     if arguments.apply_config_skus:
         config = dataclasses.replace(config, apply_config_skus=True)
     try:
         trio.run(serve, config)
-    except (ListenError, BaseExceptionGroup) as error:
-        listen_error = _find(error, ListenError)
-        if listen_error is None:
-            raise
-        print(f"soldout: {listen_error}", file=sys.stderr)
+    except (ListenError, BaseExceptionGroup, Exception) as error:
+        one_line = _find(error, ListenError) or _find(error, ClusterUnavailable)
+        if one_line is None:
+            config_error = _find(error, ConfigError)
+            if config_error is None:
+                raise
+            print(f"soldout: config error: {config_error}", file=sys.stderr)
+            return 2
+        print(f"soldout: {one_line}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,3 +6,7 @@ nats, asyncio or trio_asyncio. Its interface is plain trio and its errors are it
 `leases` plans who owns which shard, and `journal_format` is a shard's journal as
 stream messages; both are pure.
 """
+
+
+class ClusterUnavailable(Exception):
+    """NATS cannot be reached, or refused what a node needs of it (one line, for the command line)."""

@@ -28,6 +28,7 @@ from engine.cluster.ownership import OWNERS_BUCKET, LeaseKeeper
 from engine.config import EngineConfig
 from engine.remote import RemoteShard, ShardUnreachable
 from engine.shard import Shard
+from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX
 
 log = logging.getLogger("soldout.cluster")
 
@@ -165,7 +166,7 @@ async def open_cluster_engine(
     replicas: int,
     lease_seconds: float,
     owns_shards: bool = True,
-    request_timeout_seconds: float = 2.0,
+    request_timeout_seconds: float = CLUSTER_REQUEST_SECONDS_MAX,
 ) -> AsyncIterator[tuple[Engine, ClusterNode]]:
     """An engine whose shards are owned across the cluster; leaves hand this node's shards off."""
     await ensure_storage(nats, replicas)

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,6 +48,17 @@ class SkuSettings:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not UNCHANGED}
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The [cluster] table: this node joins a soldout cluster on NATS JetStream."""
+
+    nats_urls: tuple[str, ...]
+    node: str
+    replicas: int = 3
+    lease_seconds: float = 3.0
+    owns_shards: bool = True
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = DEFAULT_HOST
@@ -64,6 +76,8 @@ class ServerConfig:
     apply_config_skus: bool = False
     # How long a shutdown waits for in-flight requests before closing connections anyway.
     shutdown_grace_seconds: float = 10.0
+    # Set: this node is one of a cluster, and the journal lives in JetStream, not data_dir.
+    cluster: ClusterConfig | None = None
 
     @property
     def limits(self) -> Limits:
@@ -101,7 +115,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-_SECTIONS = {"server", "engine", "auth", "limits", "sku"}
+_SECTIONS = {"server", "engine", "auth", "limits", "sku", "cluster"}
+_CLUSTER_KEYS = {"nats_urls", "node", "replicas", "lease_seconds", "owns_shards"}
 _SERVER_KEYS = {"host", "port", "metrics_host", "metrics_port", "shutdown_grace_seconds"}
 _ENGINE_KEYS = {"shards", "data_dir", "durable", "snapshot_records_min"}
 _AUTH_KEYS = {"frontend_tokens", "admin_tokens"}
@@ -179,6 +194,9 @@ def parse_server_config(document: dict[str, Any], *, base_directory: str | None 
         raise ConfigError("auth: a token is listed as both a frontend and an admin token")
 
     skus = _skus(document.get("sku", []), limits)
+    cluster = _cluster(document["cluster"]) if "cluster" in document else None
+    if cluster is not None and data_dir is not None:
+        raise ConfigError("engine.data_dir: in cluster mode ([cluster]) the journal and snapshots live in JetStream")
     config = ServerConfig(
         host=host,
         port=port,
@@ -189,9 +207,57 @@ def parse_server_config(document: dict[str, Any], *, base_directory: str | None 
         admin_tokens=admin_tokens,
         skus=skus,
         shutdown_grace_seconds=float(grace),
+        cluster=cluster,
     )
     config.check_bind_address()
     return config
+
+
+def _cluster(table: Any) -> ClusterConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("cluster must be a table")
+    _no_unknown_keys(table, _CLUSTER_KEYS, "cluster.")
+    urls = table.get("nats_urls")
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls:
+        raise ConfigError("cluster.nats_urls is required: a list of nats:// URLs")
+    for url in urls:
+        _nats_url(url, "cluster.nats_urls")
+    if "node" not in table:
+        raise ConfigError("cluster.node is required: this node's name, unique in the cluster")
+    node = _get(table, "cluster.node", str, "")
+    _node_name(node, "cluster.node")
+    replicas = _get(table, "cluster.replicas", int, 3)
+    if not 1 <= replicas <= 5:
+        raise ConfigError(f"cluster.replicas must be from 1 to 5 (JetStream's limit), got {replicas}")
+    lease_seconds = _get(table, "cluster.lease_seconds", (int, float), 3.0)
+    if not 0 < lease_seconds <= 600:
+        raise ConfigError(f"cluster.lease_seconds must be above 0 and at most 600, got {lease_seconds}")
+    owns_shards = _get(table, "cluster.owns_shards", bool, True)
+    return ClusterConfig(tuple(urls), node, replicas, float(lease_seconds), owns_shards)
+
+
+def _nats_url(url: Any, name: str) -> None:
+    if not isinstance(url, str):
+        raise ConfigError(f"{name} must hold URLs as strings, got {url!r}")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("nats", "tls") or not parsed.hostname:
+        raise ConfigError(f"{name}: {url!r} is not a nats://HOST:PORT URL")
+    try:
+        parsed.port  # noqa: B018 (it raises on a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"{name}: {url!r} has a port that is not a number") from None
+
+
+def _node_name(node: str, name: str) -> None:
+    # The name is part of NATS subjects and key names: letters, digits, - and _ only.
+    if (
+        not node
+        or len(node) > 64
+        or not all(character.isascii() and (character.isalnum() or character in "-_") for character in node)
+    ):
+        raise ConfigError(f"{name} must be 1 to 64 letters, digits, '-' or '_', got {node!r}")
 
 
 def with_overrides(
@@ -203,9 +269,24 @@ def with_overrides(
     data_dir: str | None = None,
     metrics_port: int | None = None,
     metrics_host: str | None = None,
+    cluster_urls: str | None = None,
+    node: str | None = None,
 ) -> ServerConfig:
     """Flags given on the command line win over the file; flags not given change nothing."""
     engine = config.engine
+    cluster = config.cluster
+    if cluster_urls is not None or node is not None:
+        urls = tuple(url.strip() for url in cluster_urls.split(",")) if cluster_urls is not None else None
+        for url in urls or ():
+            _nats_url(url, "--cluster")
+        if node is not None:
+            _node_name(node, "--node")
+        if cluster is None:
+            if urls is None or node is None:
+                raise ConfigError("--cluster and --node go together when the config has no [cluster] table")
+            cluster = ClusterConfig(urls, node)
+        else:
+            cluster = replace(cluster, nats_urls=urls or cluster.nats_urls, node=node or cluster.node)
     if shards is not None:
         try:
             engine = replace(engine, shards=shards)
@@ -220,7 +301,10 @@ def with_overrides(
         metrics_port=metrics_port if metrics_port is not None else config.metrics_port,
         metrics_host=metrics_host if metrics_host is not None else config.metrics_host,
         engine=engine,
+        cluster=cluster,
     )
+    if changed.cluster is not None and changed.engine.data_dir is not None:
+        raise ConfigError("--data-dir: in cluster mode the journal and snapshots live in JetStream")
     changed.check_bind_address()
     return changed
 

@@ -10,7 +10,7 @@ changing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -43,6 +43,8 @@ class ServerMetrics:
     """Counters of one server process; `stats()` gives them to an admin as plain data."""
 
     def __init__(self) -> None:
+        # Set on a cluster node: the `cluster` map of the stats reply (absent on a single node).
+        self.cluster_view: Callable[[], dict[str, Any]] | None = None
         self.registry = CollectorRegistry()
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=self.registry)
@@ -188,6 +190,7 @@ class ServerMetrics:
                 }
                 for counts in engine.sku_counts()
             },
+            **({"cluster": self.cluster_view()} if self.cluster_view is not None else {}),
         }
 
     async def refresh_engine_view(self, engine: Engine, interval_seconds: float = 1.0) -> None:

@@ -79,6 +79,25 @@ async def put_configured_skus(engine: Engine, config: ServerConfig) -> None:
 
 
 @asynccontextmanager
+async def _open_engine(config: ServerConfig, metrics: ServerMetrics) -> AsyncIterator[Engine]:
+    """The single node's engine over its data directory, or a cluster node's over JetStream."""
+    if config.cluster is None:
+        async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
+            yield engine
+        return
+    try:
+        from engine.server.cluster import cluster_view, open_node_engine  # NATS only when asked for
+    except ModuleNotFoundError as error:
+        raise ConfigError(
+            f"cluster mode needs the cluster extra ({error.name} is missing): pip install 'soldout[cluster]'"
+        ) from None
+
+    async with open_node_engine(config) as (engine, node):
+        metrics.cluster_view = lambda: cluster_view(node)
+        yield engine
+
+
+@asynccontextmanager
 async def open_server(config: ServerConfig, health: ServerHealth | None = None) -> AsyncIterator[RunningServer]:
     """Recover the engine, put the config's SKUs, serve the gateway; on exit shut down cleanly.
 
@@ -105,7 +124,7 @@ async def open_server(config: ServerConfig, health: ServerHealth | None = None) 
         health.listening.set()
         try:
             started = time.perf_counter()
-            async with open_engine(config.engine, commit_observer=metrics.commit) as engine:
+            async with _open_engine(config, metrics) as engine:
                 recovery_seconds = time.perf_counter() - started
                 await put_configured_skus(engine, config)
                 gateway = Gateway(engine, config, metrics)

@@ -1,0 +1,169 @@
+"""Two `soldout serve` nodes of a cluster, real processes on loopback over the real
+three-server JetStream cluster: the shards split between them, and after kill -9 of the
+node owning a hot SKU's shard, while a client streams reserves with keys through the
+other, the survivor owns the shard within 10 s and every acknowledged hold is there."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from nats_cluster import NatsCluster
+from wire_helpers import REPOSITORY, process_environment
+
+from protocol.client import open_client
+
+SHARDS = 8
+LEASE_SECONDS = 1.5
+START_SECONDS = 60.0
+FAILOVER_SECONDS_MAX = 10.0
+RETRY_SECONDS = 20.0
+NODE_TEMPLATE = """
+[server]
+metrics_port = 0
+[engine]
+shards = {shards}
+[cluster]
+nats_urls = {urls}
+node = "{node}"
+replicas = 3
+lease_seconds = {lease_seconds}
+"""
+
+
+@dataclass
+class NodeProcess:
+    directory: Path
+    node: str
+    urls: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    output: Path = field(init=False)
+
+    def start(self) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / f"{self.node}.toml"
+        urls = "[" + ", ".join(f'"{url}"' for url in self.urls) + "]"
+        config.write_text(NODE_TEMPLATE.format(shards=SHARDS, urls=urls, node=self.node, lease_seconds=LEASE_SECONDS))
+        self.output = self.directory / f"{self.node}.log"
+        with self.output.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--port", "0"],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPOSITORY),
+                env=process_environment(),
+            )
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            for line in self.output.read_bytes().splitlines():
+                if line.startswith(b"soldout serving "):
+                    self.url = line.split()[-1].decode()
+                    return self.url
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"{self.node} did not start: {self.output.read_text(errors='replace')}")
+
+    def stop(self, signal_number: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal_number)
+            self.process.wait(START_SECONDS)
+        self.process = None
+
+
+async def cluster_view(url: str) -> dict[str, Any]:
+    async with open_client(url, reconnect_attempts=3) as admin:
+        return (await admin.stats())["cluster"]  # type: ignore[no-any-return]
+
+
+async def until(condition: Any, seconds: float) -> float:
+    """Poll `condition()` (async) until true; returns how long it took."""
+    started = trio.current_time()
+    with trio.fail_after(seconds):
+        while True:
+            if await condition():
+                return trio.current_time() - started
+            await trio.sleep(0.1)  # another process's state: polled
+
+
+def test_kill_9_of_a_hot_skus_owner_loses_no_acknowledged_hold(nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    a = NodeProcess(tmp_path, "proc-a", nats_cluster.urls)
+    b = NodeProcess(tmp_path, "proc-b", nats_cluster.urls)
+    try:
+        a.start()
+        b.start()
+        trio.run(failover_keeps_every_hold, a, b)
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop()
+
+
+async def failover_keeps_every_hold(a: NodeProcess, b: NodeProcess) -> None:
+    async def split() -> bool:
+        view = await cluster_view(b.url)
+        owners = set(view["owners"].values())
+        return owners == {"proc-a", "proc-b"} and sorted(view["nodes"]) == ["proc-a", "proc-b"]
+
+    await until(split, 30)
+    view = await cluster_view(b.url)
+    async with open_client(b.url, reconnect_attempts=10) as client:
+        # A hot SKU on a shard that proc-a owns, reached through proc-b.
+        candidates = [f"HOT-{number}" for number in range(40)]
+        for sku in candidates:
+            assert (await client.put_sku(sku, stock=1000, per_buyer_limit=1)).ok
+        hot = None
+        for sku in candidates:
+            if view["owners"][str((await client.get_sku(sku)).shard)] == "proc-a":
+                hot = sku
+                break
+        assert hot is not None
+        shard = (await client.get_sku(hot)).shard
+        acknowledged: dict[str, str] = {}
+        killed_at: float | None = None
+        retried = 0
+
+        async def reserve(buyer: int) -> None:
+            key = f"key-{buyer}"
+            with trio.fail_after(RETRY_SECONDS):
+                while True:
+                    reply = await client.reserve(hot, buyer=f"buyer-{buyer}", key=key)
+                    if reply.status != "unavailable":
+                        break
+                    nonlocal retried
+                    retried += 1
+                    await trio.sleep(0.2)  # the shard has no owner for a moment: retry with the key
+            assert reply.status == "ok", reply
+            acknowledged[key] = reply.reservation  # type: ignore[assignment]
+
+        async with trio.open_nursery() as nursery:
+            for buyer in range(300):
+                nursery.start_soon(reserve, buyer)
+                if buyer == 150:
+                    a.stop(signal.SIGKILL)  # the owner dies mid-stream
+                    killed_at = trio.current_time()
+                await trio.sleep(0.005)
+        assert killed_at is not None
+        assert retried > 0  # some reserves met the shard without an owner, and were retried with their keys
+
+        async def survivor_owns_it() -> bool:
+            return (await cluster_view(b.url))["owners"][str(shard)] == "proc-b"
+
+        await until(survivor_owns_it, FAILOVER_SECONDS_MAX)
+        # Every acknowledged hold is there: a retry with its key returns it, and nothing more was held.
+        assert len(acknowledged) == 300
+        for buyer in range(300):
+            key = f"key-{buyer}"
+            again = await client.reserve(hot, buyer=f"buyer-{buyer}", key=key)
+            assert (again.status, again.reservation) == ("ok", acknowledged[key])
+        stock = await client.stock(hot)
+        assert stock.held + stock.sold == 300
+        assert stock.held + stock.sold <= stock.stock
+        assert len(set(acknowledged.values())) == 300
