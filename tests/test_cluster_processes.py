@@ -167,3 +167,70 @@ async def failover_keeps_every_hold(a: NodeProcess, b: NodeProcess) -> None:
         assert stock.held + stock.sold == 300
         assert stock.held + stock.sold <= stock.stock
         assert len(set(acknowledged.values())) == 300
+
+
+def test_a_paused_owner_answers_nothing_new_as_ok_once_replaced_and_steps_down(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    a = NodeProcess(tmp_path, "zombie-a", nats_cluster.urls)
+    b = NodeProcess(tmp_path, "zombie-b", nats_cluster.urls)
+    try:
+        a.start()
+        b.start()
+        trio.run(a_zombie_is_fenced, a, b)
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop()
+
+
+async def a_zombie_is_fenced(a: NodeProcess, b: NodeProcess) -> None:
+    assert a.process is not None
+
+    async def split() -> bool:
+        view = await cluster_view(b.url)
+        return set(view["owners"].values()) == {"zombie-a", "zombie-b"}
+
+    await until(split, 30)
+    view = await cluster_view(b.url)
+    async with open_client(a.url, reconnect_attempts=3) as through_a, open_client(b.url) as through_b:
+        candidates = [f"ZOMBIE-{number}" for number in range(40)]
+        for sku in candidates:
+            assert (await through_b.put_sku(sku, stock=1000, per_buyer_limit=1)).ok
+        shards = {sku: (await through_b.get_sku(sku)).shard for sku in candidates}
+        hot = next(sku for sku in candidates if view["owners"][str(shards[sku])] == "zombie-a")
+        answers: dict[str, Any] = {}
+
+        async def reserve(buyer: int) -> None:
+            key = f"z-key-{buyer}"
+            with trio.move_on_after(RETRY_SECONDS):
+                answers[key] = await through_a.reserve(hot, buyer=f"buyer-{buyer}", key=key)
+
+        async with trio.open_nursery() as nursery:
+            for buyer in range(100):
+                nursery.start_soon(reserve, buyer)
+                if buyer == 50:
+                    a.process.send_signal(signal.SIGSTOP)  # paused past its lease, holding requests
+
+                    async def replaced() -> bool:
+                        return (await cluster_view(b.url))["owners"][str(shards[hot])] == "zombie-b"
+
+                    await until(replaced, 30)
+                    # The new owner serves the shard while the old one is paused.
+                    assert (await through_b.reserve(hot, buyer="during", key="during")).ok
+                    a.process.send_signal(signal.SIGCONT)
+                await trio.sleep(0.005)
+
+        async def stepped_down() -> bool:
+            return (await cluster_view(a.url))["owners"][str(shards[hot])] == "zombie-b"
+
+        await until(stepped_down, 30)
+        # Every `ok` the paused node gave is in the journal the new owner serves: its key returns it.
+        oks = {key: reply for key, reply in answers.items() if reply.status == "ok"}
+        assert oks  # those before the pause at least
+        assert all(reply.status in ("ok", "unavailable", "busy") for reply in answers.values())
+        for key, reply in oks.items():
+            buyer = f"buyer-{key.removeprefix('z-key-')}"
+            again = await through_b.reserve(hot, buyer=buyer, key=key)
+            assert (again.status, again.reservation) == ("ok", reply.reservation)
+        stock = await through_b.stock(hot)
+        assert stock.held + stock.sold <= stock.stock

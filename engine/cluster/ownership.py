@@ -146,11 +146,12 @@ class LeaseKeeper:
                     shard_key(shard), _encode(self.node, held.epoch), held.revision
                 )
             except WrongRevision:
-                # Someone else wrote the lease: it is not ours any more. Stop at once.
+                # Someone else wrote the lease: it is not ours any more. Stop at once (unless
+                # the shard was handed back meanwhile, its commit having failed).
                 renewed_all = False
                 log.warning("node %s: lost the lease of shard %d (epoch %d)", self.node, shard, held.epoch)
-                del self.held[shard]
-                await self._release(shard)
+                if self.held.pop(shard, None) is not None:
+                    await self._release(shard)
         if renewed_all:
             self._renewed_at = trio.current_time()
 
@@ -229,8 +230,8 @@ class LeaseKeeper:
         if self.held and trio.current_time() - self._renewed_at > self.lease_seconds * 2 / 3:
             log.error("node %s: leases not renewed in time; stepping down from %s", self.node, sorted(self.held))
             for shard in list(self.held):
-                del self.held[shard]
-                await self._release(shard)
+                if self.held.pop(shard, None) is not None:
+                    await self._release(shard)
 
 
 def _encode(node: str, epoch: int) -> bytes:
