@@ -95,6 +95,9 @@ class Client(ClientOperations):
         self._websocket: ClientConnection | None = None
         self.reconnects = 0
 
+    async def _pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
     @property
     def resent(self) -> int:
         """Calls sent again on a new connection after the one they went out on dropped."""

@@ -136,6 +136,9 @@ class Client(ClientOperations):
         self._closing = trio.Event()
         self.reconnects = 0
 
+    async def _pause(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
     @property
     def resent(self) -> int:
         """Calls sent again on a new connection after the one they went out on dropped."""

@@ -39,9 +39,12 @@ from protocol.limits import (
     CLIENT_RECONNECT_DELAY_SECONDS,
     CLIENT_RECONNECT_DELAY_STEPS_MAX,
     CLIENT_REPLY_FRAME_BYTES_MAX,
+    CLIENT_UNAVAILABLE_RETRIES_MAX,
+    CLIENT_UNAVAILABLE_RETRY_SECONDS,
     Limits,
 )
 from protocol.messages import (
+    UNAVAILABLE,
     UNCHANGED,
     AnyReply,
     Cancel,
@@ -331,6 +334,9 @@ class ClientOperations:
     `_call_op`: the trio and the asyncio client share these, so their methods and reply
     types cannot drift apart."""
 
+    # Reserves sent again because they were answered `unavailable`.
+    unavailable_retries = 0
+
     async def execute(self, commands: Sequence[Command]) -> list[AnyReply]:
         """Send many commands at once, in the order given (so one shard decides them in
         that order); replies in the same order."""
@@ -339,12 +345,32 @@ class ClientOperations:
     async def _call_op(self, op: str) -> Any:
         raise NotImplementedError
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, the transport's way (trio or asyncio)."""
+        raise NotImplementedError
+
     async def call(self, command: Command) -> AnyReply:
         """Send one command and wait for its reply (batched with concurrent calls)."""
         return (await self.execute((command,)))[0]
 
     async def reserve(self, sku: str, *, buyer: str, qty: int = 1, key: str | None = None) -> Reply:
-        return await self.call(Reserve(sku, buyer, qty, key))  # type: ignore[return-value]
+        """Hold `qty` units; `key` (one is made when none is given) makes a retry safe.
+
+        A reserve answered `unavailable` (its shard's journal failed, or in a cluster the
+        shard has no owner for a moment) may or may not have been decided: it is sent
+        again with the same key, with a growing pause, a bounded number of times, and the
+        first answer that is not `unavailable` is returned (a retry of a decided reserve
+        returns its hold). After the last try the `unavailable` reply is returned.
+        """
+        command = Reserve(sku, buyer, qty, key if key is not None else random_key())
+        reply: Reply = await self.call(command)  # type: ignore[assignment]
+        for attempt in range(1, CLIENT_UNAVAILABLE_RETRIES_MAX + 1):
+            if reply.status != UNAVAILABLE:
+                break
+            self.unavailable_retries += 1
+            await self._pause(CLIENT_UNAVAILABLE_RETRY_SECONDS * attempt)
+            reply = await self.call(command)  # type: ignore[assignment]
+        return reply
 
     async def confirm(self, reservation: str, *, buyer: str, order: str | None = None) -> Reply:
         return await self.call(Confirm(reservation, buyer, order))  # type: ignore[return-value]

@@ -150,6 +150,44 @@ def test_pipelined_frames_answered_out_of_order_are_matched_by_id(flavour: Flavo
     assert len({request["key"] for request in requests}) == len({request["id"] for request in requests}) == 3
 
 
+# ------------------------------------------------------------ unavailable
+
+
+async def reserve_through_unavailable(flavour: Flavour, peer: ScriptedPeer, statuses: list[str]) -> tuple[Reply, int]:
+    """A reserve the peer answers with each of `statuses` in turn, as the client sends it again."""
+    async with flavour.open_client(peer.url, FRONTEND_TOKEN) as client:
+
+        async def answer() -> None:
+            for attempt, status in enumerate(statuses):
+                frames = await flavour.to_thread(peer.wait_for_frames, attempt + 1)
+                (request,) = requests_in(frames[attempt:])
+                peer.reply({"id": request["id"], "status": status, "reservation": "first-hold"})
+
+        reply, _ = await flavour.gather(lambda: client.reserve(SKU, buyer="u1"), answer)
+        return reply, client.unavailable_retries
+
+
+def test_a_reserve_answered_unavailable_is_sent_again_with_its_key_until_answered(
+    flavour: Flavour, peer: ScriptedPeer
+) -> None:
+    reply, retries = flavour.run(reserve_through_unavailable, peer, ["unavailable"] * 3 + ["ok"])
+    assert (reply.status, reply.reservation) == ("ok", "first-hold")
+    assert retries == 3
+    requests = requests_in(peer.frames)
+    assert len(requests) == 4
+    assert len({request["key"] for request in requests}) == 1  # one key: a decided reserve returns its hold
+    assert len({request["id"] for request in requests}) == 4
+
+
+def test_a_reserve_still_unavailable_after_the_last_retry_returns_unavailable(
+    flavour: Flavour, peer: ScriptedPeer
+) -> None:
+    reply, retries = flavour.run(reserve_through_unavailable, peer, ["unavailable"] * 11)
+    assert reply.status == "unavailable"
+    assert retries == 10
+    assert len(requests_in(peer.frames)) == 11
+
+
 # ------------------------------------------------------------ cancellation
 
 
