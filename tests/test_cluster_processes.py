@@ -238,3 +238,56 @@ async def a_zombie_is_fenced(a: NodeProcess, b: NodeProcess) -> None:
             assert (again.status, again.reservation) == ("ok", reply.reservation)
         stock = await through_b.stock(hot)
         assert stock.held + stock.sold <= stock.stock
+
+
+def test_kill_9_of_the_journal_streams_leader_under_load_loses_nothing_acknowledged(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    a = NodeProcess(tmp_path, "leader-a", nats_cluster.urls)
+    try:
+        a.start()
+        trio.run(journal_leader_dies_under_load, a, nats_cluster)
+    finally:
+        a.stop(signal.SIGKILL)
+        for index, server in enumerate(nats_cluster.servers):
+            if not server.running:
+                nats_cluster.restart_server(index)
+
+
+async def journal_leader_dies_under_load(a: NodeProcess, nats_cluster: NatsCluster) -> None:
+    async def serving_all() -> bool:
+        owners = (await cluster_view(a.url))["owners"].values()
+        return all(owner == "leader-a" for owner in owners)
+
+    await until(serving_all, 30)
+    acknowledged: dict[str, str] = {}
+    async with open_client(a.url, reconnect_attempts=10) as client:
+        assert (await client.put_sku("LEADER-HOT", stock=1000, per_buyer_limit=1)).ok
+        leader = await trio.to_thread.run_sync(nats_cluster.wait_stream_leader, "soldout_journal")
+
+        async def reserve(buyer: int) -> None:
+            key = f"l-key-{buyer}"
+            with trio.fail_after(RETRY_SECONDS * 2):
+                while True:
+                    reply = await client.reserve("LEADER-HOT", buyer=f"buyer-{buyer}", key=key)
+                    if reply.status != "unavailable":
+                        break
+                    await trio.sleep(0.2)
+            assert reply.status == "ok", reply
+            acknowledged[key] = reply.reservation  # type: ignore[assignment]
+
+        async with trio.open_nursery() as nursery:
+            for buyer in range(200):
+                nursery.start_soon(reserve, buyer)
+                if buyer == 100:
+                    # The stream's leader dies mid-stream; the other two elect a new one.
+                    await trio.to_thread.run_sync(nats_cluster.kill_server, nats_cluster.index_of(leader))
+                await trio.sleep(0.005)
+        assert len(acknowledged) == 200
+        # Nothing acknowledged is lost: each key returns its hold, and nothing more is held.
+        for buyer in range(200):
+            key = f"l-key-{buyer}"
+            again = await client.reserve("LEADER-HOT", buyer=f"buyer-{buyer}", key=key)
+            assert (again.status, again.reservation) == ("ok", acknowledged[key])
+        stock = await client.stock("LEADER-HOT")
+        assert stock.held == 200
