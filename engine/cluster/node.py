@@ -15,6 +15,7 @@ is handed back, to be taken again under a new epoch and recovered from the journ
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,7 +28,7 @@ from engine.cluster.nats import Nats, NatsError, NoResponders, RequestTimeout
 from engine.cluster.ownership import OWNERS_BUCKET, LeaseKeeper
 from engine.config import EngineConfig
 from engine.remote import RemoteShard, ShardUnreachable
-from engine.shard import Shard
+from engine.shard import CommitObserver, Shard
 from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX
 
 log = logging.getLogger("soldout.cluster")
@@ -56,12 +57,15 @@ class NatsShardTransport:
 class ClusterShard(Shard):
     """The shard actor over a JetStream journal: a group commit is one acknowledged publish."""
 
-    def __init__(self, index: int, config: EngineConfig, journal: ShardJournal) -> None:
-        super().__init__(index, config, None)
+    def __init__(
+        self, index: int, config: EngineConfig, journal: ShardJournal, commit_observer: CommitObserver | None = None
+    ) -> None:
+        super().__init__(index, config, None, commit_observer)
         self.journal = journal
         self.failed = trio.Event()  # set when a commit failed: the node hands the shard back
 
     async def _commit_or_fault(self, records: list[Record], commands: int, background: trio.Nursery) -> bool:
+        started = time.perf_counter()
         try:
             await self.journal.commit(records)
         except (Fenced, NatsError) as error:
@@ -72,7 +76,11 @@ class ClusterShard(Shard):
             log.error("shard %d: commit to the journal failed (%s): stepping down", self.index, error)
             self.failed.set()
             return False
+        seconds = time.perf_counter() - started
         self._commits += 1
+        self._commit_seconds += seconds
+        if self._commit_observer is not None:
+            self._commit_observer(self.index, commands, len(records), seconds)
         return True
 
 
@@ -88,8 +96,10 @@ class ClusterNode:
         replicas: int,
         nursery: trio.Nursery,
         transport: NatsShardTransport,
+        commit_observer: CommitObserver | None = None,
     ) -> None:
         self.nats = nats
+        self._commit_observer = commit_observer
         self.engine = engine
         self.node = node
         self.replicas = replicas
@@ -110,7 +120,7 @@ class ClusterNode:
         except (Fenced, NatsError) as error:
             log.warning("node %s: could not take shard %d over (%s)", self.node, shard, error)
             return False
-        actor = ClusterShard(shard, config, journal)
+        actor = ClusterShard(shard, config, journal, self._commit_observer)
         actor.book = recovered.book
         scope = trio.CancelScope()
         stopped = trio.Event()
@@ -167,6 +177,7 @@ async def open_cluster_engine(
     lease_seconds: float,
     owns_shards: bool = True,
     request_timeout_seconds: float = CLUSTER_REQUEST_SECONDS_MAX,
+    commit_observer: CommitObserver | None = None,
 ) -> AsyncIterator[tuple[Engine, ClusterNode]]:
     """An engine whose shards are owned across the cluster; leaves hand this node's shards off."""
     await ensure_storage(nats, replicas)
@@ -174,7 +185,9 @@ async def open_cluster_engine(
     async with trio.open_nursery() as nursery:
         transport = NatsShardTransport(nats, request_timeout_seconds)
         engine = Engine(config, [])
-        cluster = ClusterNode(nats, engine, node, replicas=replicas, nursery=nursery, transport=transport)
+        cluster = ClusterNode(
+            nats, engine, node, replicas=replicas, nursery=nursery, transport=transport, commit_observer=commit_observer
+        )
         for shard in range(config.shards):
             engine.assign(shard, cluster.remote(shard))
         keeper = LeaseKeeper(

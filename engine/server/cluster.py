@@ -20,6 +20,7 @@ from engine.cluster.nats import KeyExists, Nats, NatsError, NatsUnavailable, ope
 from engine.cluster.node import ClusterNode, open_cluster_engine
 from engine.cluster.ownership import OWNERS_BUCKET
 from engine.server.config import ConfigError, ServerConfig
+from engine.shard import CommitObserver
 from protocol.limits import CLUSTER_CONNECT_SECONDS_MAX
 
 SHARD_COUNT_KEY = "cluster.shards"
@@ -55,7 +56,9 @@ async def _check_against_the_cluster(nats: Nats, config: ServerConfig) -> None:
 
 
 @asynccontextmanager
-async def open_node_engine(config: ServerConfig) -> AsyncIterator[tuple[Engine, ClusterNode]]:
+async def open_node_engine(
+    config: ServerConfig, commit_observer: CommitObserver | None = None
+) -> AsyncIterator[tuple[Engine, ClusterNode]]:
     cluster = config.cluster
     assert cluster is not None
     try:
@@ -70,6 +73,7 @@ async def open_node_engine(config: ServerConfig) -> AsyncIterator[tuple[Engine, 
                 replicas=cluster.replicas,
                 lease_seconds=cluster.lease_seconds,
                 owns_shards=cluster.owns_shards,
+                commit_observer=commit_observer,
             ) as (engine, node):
                 yield engine, node
     except NatsUnavailable as error:

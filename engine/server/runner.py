@@ -92,7 +92,7 @@ async def _open_engine(config: ServerConfig, metrics: ServerMetrics) -> AsyncIte
             f"cluster mode needs the cluster extra ({error.name} is missing): pip install 'soldout[cluster]'"
         ) from None
 
-    async with open_node_engine(config) as (engine, node):
+    async with open_node_engine(config, commit_observer=metrics.commit) as (engine, node):
         metrics.cluster_view = lambda: cluster_view(node)
         yield engine
 
