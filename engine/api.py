@@ -99,6 +99,10 @@ class Engine:
         """Send `shard`'s batches to `handle` from now on (its owner changed)."""
         self._handles[shard] = handle
 
+    def handle(self, shard: int) -> Shard | RemoteShard:
+        """Where `shard`'s batches go now."""
+        return self._handles[shard]
+
     def is_local(self, shard: int) -> bool:
         return isinstance(self._handles[shard], Shard)
 

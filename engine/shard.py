@@ -247,7 +247,7 @@ class Shard:
             self._batches += 1
             self._commands += commands
             self._records += len(records)
-            if self.fault is None and self.store is not None and not self._snapshot_running and self._snapshot_due():
+            if self.fault is None and not self._snapshot_running and self._snapshot_due():
                 await self._start_snapshot(background)
 
     def _expiry_deadline(self) -> float:
@@ -317,8 +317,14 @@ class Shard:
             self._commit_observer(self.index, commands, len(records), seconds)
 
     def _snapshot_due(self) -> bool:
-        assert self.store is not None
-        since = self.store.records_since_snapshot
+        if self.store is None:
+            return False
+        return self._snapshot_worth_it(self.store.records_since_snapshot)
+
+    def _snapshot_worth_it(self, records_since_snapshot: int) -> bool:
+        """Enough records since the last snapshot to bound replay (and at least half the
+        holds, so a big book is not rewritten for a few records), and no retry pending."""
+        since = records_since_snapshot
         if since < self.config.snapshot_records_min or since < len(self.book.holds) // 2:
             return False
         return trio.current_time() >= self._snapshot_retry_at
@@ -349,7 +355,7 @@ class Shard:
             self._snapshot_running = False
             self._snapshot_idle.set()
 
-    def _snapshot_failed(self, error: OSError) -> None:
+    def _snapshot_failed(self, error: Exception) -> None:
         """Log it and try again later: the journal still holds everything."""
         self._snapshot_failures += 1
         delay = self._snapshot_retry_seconds

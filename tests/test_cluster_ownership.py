@@ -8,6 +8,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
+import msgpack
 import pytest
 import trio
 from nats_cluster import NatsCluster
@@ -49,7 +50,7 @@ class Serving:
                 await self._changed.wait()
 
     def callbacks(self, node: str) -> dict:
-        async def acquire(shard: int, epoch: int) -> bool:
+        async def acquire(shard: int, epoch: int, snapshot: int | None) -> bool:
             for others in self.shards.values():
                 assert shard not in others, f"{node} took shard {shard} while another node serves it"
             self.shards[node].add(shard)
@@ -128,4 +129,71 @@ async def test_a_node_that_cannot_renew_steps_down_before_its_lease_runs_out(nat
         await bucket.update("shard.3", b"\x92\xa6node-z\x01", entry[1])
         await serving.until(lambda: 3 not in serving.shards["node-a"])
         assert 3 not in keeper.held
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_takeover_does_not_hold_up_the_renewals_of_the_shards_already_served(nats: Nats) -> None:
+    """Recovering a shard can take longer than a lease (a long journal to replay): the
+    other shards' leases are renewed meanwhile, so the node never steps down from them."""
+    bucket = await nats.key_value(f"owners{next(_buckets)}", replicas=REPLICAS)
+    serving = Serving()
+    callbacks = serving.callbacks("node-a")
+    slow_shard: list[int] = []
+    released: list[int] = []
+    recovered = trio.Event()
+
+    async def acquire(shard: int, epoch: int, snapshot: int | None) -> bool:
+        if not slow_shard and len(serving.shards["node-a"]) == SHARDS - 1:
+            slow_shard.append(shard)  # the last one to be taken replays for three leases
+            await trio.sleep(LEASE_SECONDS * 3)
+            recovered.set()
+        return await callbacks["acquire"](shard, epoch, snapshot)
+
+    async def release(shard: int) -> None:
+        released.append(shard)
+        await callbacks["release"](shard)
+
+    keeper = LeaseKeeper(bucket, "node-a", SHARDS, LEASE_SECONDS, acquire=acquire, release=release)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        with trio.fail_after(SETTLE_SECONDS):
+            await recovered.wait()
+        await settled(serving, ["node-a"])
+        assert released == [], f"node-a stepped down from {released} while one takeover ran"
+        assert sorted(keeper.held) == list(range(SHARDS))
+        nursery.cancel_scope.cancel()
+
+
+async def test_only_the_current_owner_can_name_a_snapshot_in_the_lease(nats: Nats) -> None:
+    bucket = await nats.key_value(f"owners{next(_buckets)}", replicas=REPLICAS)
+    serving = Serving()
+    keeper = LeaseKeeper(bucket, "node-a", SHARDS, LEASE_SECONDS, **serving.callbacks("node-a"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        await settled(serving, ["node-a"])
+        assert await keeper.record_snapshot(2, 41)
+        recorded_at = keeper.held[2].revision
+        # The renewals after it carry the snapshot on.
+        with trio.fail_after(SETTLE_SECONDS):
+            while True:
+                entry = await bucket.get("shard.2")
+                assert entry is not None
+                if entry[1] > recorded_at:
+                    break
+                await trio.sleep(LEASE_SECONDS / 6)
+        owner, epoch, snapshot = msgpack.unpackb(entry[0])
+        assert (owner, snapshot) == ("node-a", 41)
+        # Another node took shard 5 over: node-a may not name a snapshot for it any more.
+        entry = await bucket.get("shard.5")
+        assert entry is not None
+        await bucket.update("shard.5", msgpack.packb(["node-z", 999, 7]), entry[1])
+        assert not await keeper.record_snapshot(5, 50)
+        entry = await bucket.get("shard.5")
+        assert entry is not None
+        assert msgpack.unpackb(entry[0]) == ["node-z", 999, 7]
+        # A handed-off lease keeps naming the snapshot, for the next owner to recover from.
+        await keeper.hand_off(2)
+        entry = await bucket.get("shard.2")
+        assert entry is not None
+        assert msgpack.unpackb(entry[0]) == ["", epoch, 41]
         nursery.cancel_scope.cancel()

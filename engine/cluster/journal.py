@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import trio
 
 from engine.book import Book, Record
 from engine.cluster.journal_format import (
@@ -70,8 +71,9 @@ async def ensure_storage(nats: Nats, replicas: int) -> None:
     await nats.ensure_stream(JOURNAL_STREAM, ["soldout.journal.*"], replicas=replicas)
 
 
-def encode_snapshot(sequence: int, epoch: int, book: Book) -> bytes:
-    body = msgpack.packb({"sequence": sequence, "epoch": epoch, "book": book.to_snapshot()}, use_bin_type=True)
+def encode_snapshot(sequence: int, epoch: int, state: dict[str, Any]) -> bytes:
+    """A book's state (`Book.to_snapshot()`) as the snapshot covering journal `sequence`."""
+    body = msgpack.packb({"sequence": sequence, "epoch": epoch, "book": state}, use_bin_type=True)
     return SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, len(body), zlib.crc32(body)) + body
 
 
@@ -117,7 +119,7 @@ class ShardJournal:
         try:
             sequence = await self.nats.publish(
                 self.subject,
-                encode_takeover(self.epoch, self.node),
+                encode_takeover(self.epoch, self.node, expected),
                 msg_id=message_id(self.shard, self.epoch, 0),
                 expected_last_subject_sequence=expected,
             )
@@ -132,6 +134,7 @@ class ShardJournal:
     async def _rebuild(self, snapshot_sequence: int | None, *, up_to: int) -> tuple[Book, int]:
         """The snapshot and the journal after it, up to sequence `up_to`: (book, epoch at the end)."""
         start, epoch, book = 1, 0, Book(self.shard, self.limits)
+        position = 0
         if snapshot_sequence is not None:
             data = await self.nats.get_object(SNAPSHOT_BUCKET, snapshot_name(self.shard, snapshot_sequence))
             if data is None:
@@ -139,7 +142,7 @@ class ShardJournal:
             covered, epoch, book = decode_snapshot(self.shard, data, self.limits)
             if covered != snapshot_sequence:
                 raise JournalMessageCorrupt(snapshot_sequence, f"the snapshot of shard {self.shard} covers {covered}")
-            start = covered + 1
+            position, start = covered, covered + 1
         while start <= up_to:
             messages = await self.nats.read(
                 JOURNAL_STREAM, self.subject, start, count_max=CLUSTER_REPLAY_READ_MESSAGES_MAX
@@ -147,8 +150,11 @@ class ShardJournal:
             messages = [(sequence, payload) for sequence, payload in messages if sequence <= up_to]
             if not messages:
                 break
-            epoch = replay(book, messages, epoch)
-            start = messages[-1][0] + 1
+            replayed = replay(book, messages, epoch, position)
+            epoch, position = replayed.epoch, replayed.sequence
+            start = position + 1
+        if position != up_to:
+            raise JournalMessageCorrupt(up_to, f"shard {self.shard}'s journal ends at {position}, before it")
         book.check_invariants()
         return book, epoch
 
@@ -170,7 +176,7 @@ class ShardJournal:
         try:
             sequence = await self.nats.publish(
                 self.subject,
-                encode_commit(self.epoch, batch, records),
+                encode_commit(self.epoch, batch, self.last_sequence, records),
                 msg_id=message_id(self.shard, self.epoch, batch),
                 expected_last_subject_sequence=self.last_sequence,
             )
@@ -179,13 +185,19 @@ class ShardJournal:
         self.last_sequence = max(self.last_sequence, sequence)
         return sequence
 
-    async def snapshot(self, book: Book) -> int:
-        """Store the book as of the last commit (call it between commits); returns the
-        sequence it covers, for the caller to record under the lease before `purge_before`."""
-        covered = self.last_sequence
-        data = encode_snapshot(covered, self.epoch, book)  # the book as it is now, before any await
+    async def snapshot(self, covered: int, state: dict[str, Any]) -> None:
+        """Store a book's state as the snapshot covering journal sequence `covered`, for
+        the caller to record under the lease before `purge_before`.
+
+        `state` is `Book.to_snapshot()` taken right after the commit at `covered` (this
+        journal's `last_sequence` then), before the next batch was decided; it is encoded
+        here in a worker thread."""
+        data = await trio.to_thread.run_sync(encode_snapshot, covered, self.epoch, state)
         await self.nats.put_object(SNAPSHOT_BUCKET, snapshot_name(self.shard, covered), data, replicas=self.replicas)
-        return covered
+
+    async def delete_snapshot(self, sequence: int) -> None:
+        """Remove a snapshot no lease names any more."""
+        await self.nats.delete_object(SNAPSHOT_BUCKET, snapshot_name(self.shard, sequence), replicas=self.replicas)
 
     async def purge_before(self, sequence: int) -> None:
         """Drop the journal messages a recorded snapshot covers (it keeps `sequence` itself)."""

@@ -9,6 +9,12 @@ each message is one of:
   after it (JetStream refuses an append whose expected last sequence is stale), so
   everything the former owner ever had acknowledged comes before the takeover.
 
+Every message names the sequence of the one before it on the subject (`previous`: the
+expected last sequence it was appended with, so JetStream stored it only right after
+that one). Replay follows the chain from where it starts (0 for the whole journal, a
+snapshot's sequence after it): a message missing, or a purged start with no snapshot to
+cover it, breaks the chain and is refused, never replayed around.
+
 Each payload carries a CRC-32 of its body and is checked before it is trusted, as every
 file soldout reads back is. `replay` rebuilds a book from the messages after a snapshot
 and refuses a journal whose epochs run backwards. Pure: no I/O.
@@ -44,6 +50,7 @@ class JournalMessageCorrupt(Exception):
 class Commit:
     epoch: int
     batch: int
+    previous: int  # the sequence of the message before it on the subject (0: the first)
     records: list[Record]
 
 
@@ -51,6 +58,13 @@ class Commit:
 class Takeover:
     epoch: int
     node: str
+    previous: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    epoch: int  # the ownership the messages end in
+    sequence: int  # the last message applied (where the chain goes on)
 
 
 def _framed(body: Any) -> bytes:
@@ -58,12 +72,12 @@ def _framed(body: Any) -> bytes:
     return HEADER.pack(MAGIC, zlib.crc32(packed)) + packed
 
 
-def encode_commit(epoch: int, batch: int, records: list[Record]) -> bytes:
-    return _framed([COMMIT, epoch, batch, records])
+def encode_commit(epoch: int, batch: int, previous: int, records: list[Record]) -> bytes:
+    return _framed([COMMIT, epoch, batch, previous, records])
 
 
-def encode_takeover(epoch: int, node: str) -> bytes:
-    return _framed([TAKEOVER, epoch, node])
+def encode_takeover(epoch: int, node: str, previous: int) -> bytes:
+    return _framed([TAKEOVER, epoch, node, previous])
 
 
 def message_id(shard: int, epoch: int, batch: int) -> str:
@@ -84,31 +98,44 @@ def decode(sequence: int, payload: bytes) -> Commit | Takeover:
         fields = msgpack.unpackb(body, raw=False, use_list=False)
         kind = fields[0]
         if kind == COMMIT:
-            _, epoch, batch, records = fields
-            if type(epoch) is not int or type(batch) is not int or type(records) is not tuple:
-                raise ValueError("a commit is (epoch, batch, records)")
-            return Commit(epoch, batch, list(records))
+            _, epoch, batch, previous, records = fields
+            if (
+                type(epoch) is not int
+                or type(batch) is not int
+                or type(previous) is not int
+                or type(records) is not tuple
+            ):
+                raise ValueError("a commit is (epoch, batch, previous, records)")
+            return Commit(epoch, batch, previous, list(records))
         if kind == TAKEOVER:
-            _, epoch, node = fields
-            if type(epoch) is not int or type(node) is not str:
-                raise ValueError("a takeover is (epoch, node)")
-            return Takeover(epoch, node)
+            _, epoch, node, previous = fields
+            if type(epoch) is not int or type(node) is not str or type(previous) is not int:
+                raise ValueError("a takeover is (epoch, node, previous)")
+            return Takeover(epoch, node, previous)
         raise ValueError(f"unknown kind {kind!r}")
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as error:
         raise JournalMessageCorrupt(sequence, str(error)) from None
 
 
-def replay(book: Book, messages: Iterable[tuple[int, bytes]], epoch: int = 0) -> int:
+def replay(book: Book, messages: Iterable[tuple[int, bytes]], epoch: int = 0, previous: int = 0) -> Replayed:
     """Apply the commits of `messages` ((sequence, payload), in order) to `book`.
 
-    `epoch` is the ownership the messages start in (a snapshot's, or 0 for the whole
-    journal). Returns the epoch they end in. Every commit must be the current owner's:
-    one of an epoch before the last takeover (the fencing failed), or of an epoch whose
-    takeover was never written, is refused as corrupt rather than replayed; so is a
-    takeover whose epoch does not rise.
+    `epoch` and `previous` are where the messages start: a snapshot's epoch and
+    sequence, or 0 and 0 for the whole journal. Returns where they end. Each message
+    must follow the one before it (its `previous`), and every commit must be the current
+    owner's: one of an epoch before the last takeover (the fencing failed), or of an
+    epoch whose takeover was never written, is refused as corrupt rather than replayed;
+    so is a takeover whose epoch does not rise, and a gap in the chain.
     """
     for sequence, payload in messages:
         message = decode(sequence, payload)
+        if message.previous != previous:
+            raise JournalMessageCorrupt(
+                sequence,
+                f"it follows message {message.previous}, not {previous}: the journal has a gap "
+                "(a message lost, or purged with no snapshot covering it)",
+            )
+        previous = sequence
         if type(message) is Takeover:
             if message.epoch <= epoch:
                 raise JournalMessageCorrupt(sequence, f"takeover of epoch {message.epoch} after epoch {epoch}")
@@ -119,4 +146,4 @@ def replay(book: Book, messages: Iterable[tuple[int, bytes]], epoch: int = 0) ->
             )
         else:
             book.replay(message.records)  # type: ignore[union-attr]
-    return epoch
+    return Replayed(epoch, previous)

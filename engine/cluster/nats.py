@@ -370,6 +370,15 @@ class Nats:
             raise
         return bytes(result.data or b"")
 
+    async def delete_object(self, bucket: str, name: str, *, replicas: int) -> None:
+        """Removes the object; nothing happens when it does not exist."""
+        store = await self._object_store(bucket, replicas)
+        try:
+            await _call(store.delete, name)
+        except NatsError as error:
+            if not _is(error, nats.js.errors.NotFoundError):
+                raise
+
     async def _object_store(self, bucket: str, replicas: int) -> ObjectStore:
         store = self._object_stores.get(bucket)
         if store is None:

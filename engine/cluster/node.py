@@ -10,26 +10,33 @@ gateway and the embedded API use.
 
 A shard whose commit fails stops deciding (its batches are answered `unavailable`) and
 is handed back, to be taken again under a new epoch and recovered from the journal.
+
+An owner snapshots its shard's book as a file-journal shard does (enough records since
+the last one, and at least half the holds): the snapshot goes to the object store, is
+named in the shard's lease (a compare-and-set only the current owner can win), and only
+then are the journal messages it covers purged and the snapshot before it deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
 from engine.api import Engine
 from engine.book import Record
 from engine.cluster.journal import Fenced, ShardJournal, ensure_storage
+from engine.cluster.journal_format import JournalMessageCorrupt
 from engine.cluster.nats import Nats, NatsError, NoResponders, RequestTimeout
 from engine.cluster.ownership import OWNERS_BUCKET, LeaseKeeper
 from engine.config import EngineConfig
 from engine.remote import RemoteShard, ShardUnreachable
-from engine.shard import CommitObserver, Shard
-from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX
+from engine.shard import Batch, CommitObserver, EngineClosed, Shard
+from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX, RETRY_SECONDS_MIN
 
 log = logging.getLogger("soldout.cluster")
 
@@ -54,15 +61,84 @@ class NatsShardTransport:
             raise ShardUnreachable(f"shard {shard}: {error}") from error
 
 
+SnapshotRecorder = Callable[[int, int], Awaitable[bool]]  # (shard, sequence) -> named in this node's lease
+Successor = Callable[[], "Shard | RemoteShard"]  # where the shard's batches go now
+
+
 class ClusterShard(Shard):
     """The shard actor over a JetStream journal: a group commit is one acknowledged publish."""
 
     def __init__(
-        self, index: int, config: EngineConfig, journal: ShardJournal, commit_observer: CommitObserver | None = None
+        self,
+        index: int,
+        config: EngineConfig,
+        journal: ShardJournal,
+        *,
+        snapshot: int | None = None,
+        record_snapshot: SnapshotRecorder | None = None,
+        successor: Successor | None = None,
+        commit_observer: CommitObserver | None = None,
     ) -> None:
         super().__init__(index, config, None, commit_observer)
         self.journal = journal
         self.failed = trio.Event()  # set when a commit failed: the node hands the shard back
+        self.snapshot_sequence = snapshot  # the journal sequence of the snapshot the lease names
+        self._record_snapshot = record_snapshot
+        self._successor = successor
+        self._records_at_snapshot = 0
+
+    async def hand_over(self, batch: Batch) -> None:
+        """As a local shard; a batch that meets the mailbox closed by a hand-off goes on to
+        wherever the shard's batches go now (its next owner), not back as `busy`."""
+        try:
+            await super().hand_over(batch)
+        except EngineClosed:
+            successor = self._successor() if self._successor is not None else self
+            if successor is self:
+                raise
+            await successor.hand_over(batch)
+
+    def _snapshot_due(self) -> bool:
+        if self._record_snapshot is None:
+            return False
+        return self._snapshot_worth_it(self._records - self._records_at_snapshot)
+
+    async def _start_snapshot(self, background: trio.Nursery) -> None:
+        self._snapshot_running = True
+        self._snapshot_idle = trio.Event()
+        # Copied now, right after the last commit and before the next batch: exactly what
+        # the journal holds up to its last sequence. Storing it runs beside new batches.
+        covered, state = self.journal.last_sequence, self.book.to_snapshot()
+        background.start_soon(self._store_snapshot, covered, state, self._records)
+
+    async def _store_snapshot(self, covered: int, state: dict[str, Any], records: int) -> None:
+        assert self._record_snapshot is not None
+        try:
+            await self.journal.snapshot(covered, state)
+            if not await self._record_snapshot(self.index, covered):
+                # The lease is not ours: purge nothing, the next owner recovers from its own.
+                log.warning("shard %d: snapshot at %d not recorded: the lease moved", self.index, covered)
+                self._snapshot_done()
+                return
+        except NatsError as error:
+            self._snapshot_failed(error)
+            return
+        previous, self.snapshot_sequence = self.snapshot_sequence, covered
+        self._records_at_snapshot = records
+        self._snapshots += 1
+        self._snapshot_done()
+        try:
+            await self.journal.purge_before(covered)
+            if previous is not None and previous != covered:
+                await self.journal.delete_snapshot(previous)
+        except NatsError as error:
+            # Recovery starts from the recorded snapshot either way; the next one cleans up.
+            log.warning("shard %d: cleaning up before the snapshot at %d failed (%s)", self.index, covered, error)
+
+    def _snapshot_done(self) -> None:
+        self._snapshot_retry_seconds = RETRY_SECONDS_MIN
+        self._snapshot_running = False
+        self._snapshot_idle.set()
 
     async def _commit_or_fault(self, records: list[Record], commands: int, background: trio.Nursery) -> bool:
         started = time.perf_counter()
@@ -111,16 +187,30 @@ class ClusterNode:
     def remote(self, shard: int) -> RemoteShard:
         return RemoteShard(shard, self._transport, self._nursery, self.engine.config.limits)
 
-    async def acquire(self, shard: int, epoch: int) -> bool:
-        """Take the shard's journal over for `epoch`, recover its book, and serve it."""
+    async def acquire(self, shard: int, epoch: int, snapshot: int | None) -> bool:
+        """Take the shard's journal over for `epoch`, recover its book from the snapshot the
+        lease names (`snapshot`, a journal sequence) and the journal after it, and serve it."""
         config = self.engine.config
         journal = ShardJournal(self.nats, shard, epoch, self.node, config.limits, replicas=self.replicas)
         try:
-            recovered = await journal.take_over()
+            recovered = await journal.take_over(snapshot)
         except (Fenced, NatsError) as error:
             log.warning("node %s: could not take shard %d over (%s)", self.node, shard, error)
             return False
-        actor = ClusterShard(shard, config, journal, self._commit_observer)
+        except JournalMessageCorrupt as error:
+            # Never served from a journal or snapshot that fails its checks.
+            log.error("node %s: shard %d's journal is damaged (%s): not serving it", self.node, shard, error)
+            return False
+        keeper = self.keeper
+        actor = ClusterShard(
+            shard,
+            config,
+            journal,
+            snapshot=snapshot,
+            record_snapshot=keeper.record_snapshot if keeper is not None else None,
+            successor=lambda: self.engine.handle(shard),
+            commit_observer=self._commit_observer,
+        )
         actor.book = recovered.book
         scope = trio.CancelScope()
         stopped = trio.Event()

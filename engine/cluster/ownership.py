@@ -13,6 +13,15 @@ fencing needs.
 A node stops serving a shard the moment a renewal fails, and on its own when it has not
 renewed for two thirds of `lease_seconds` (so it is gone before anyone may take over).
 A handed-off lease is written back as released (no owner), never deleted.
+
+The lease value also names the shard's current snapshot (the journal sequence it
+covers): the owner records a new one with a compare-and-set on its own lease, which a
+former owner can never win, and every later owner recovers from the one it names. So
+the value is [owner, epoch, snapshot sequence or None].
+
+Taking a shard over (fencing, reading the snapshot, replaying the journal) runs in a
+task of its own, never inside a round: a long replay must not delay the renewals of the
+shards this node already serves.
 """
 
 from __future__ import annotations
@@ -52,9 +61,18 @@ class _Seen:
 class _Held:
     epoch: int
     revision: int
+    snapshot: int | None  # the journal sequence of the shard's current snapshot
 
 
-Acquire = Callable[[int, int], Awaitable[bool]]  # (shard, epoch) -> serving now
+@dataclass(frozen=True, slots=True)
+class LeaseValue:
+    owner: str  # RELEASED when no node owns the shard
+    epoch: int
+    snapshot: int | None = None
+
+
+# (shard, epoch, current snapshot's sequence) -> serving now
+Acquire = Callable[[int, int, int | None], Awaitable[bool]]
 Release = Callable[[int], Awaitable[None]]  # shard: stop serving it (and commit what was decided)
 
 
@@ -86,19 +104,25 @@ class LeaseKeeper:
         self._seen: dict[str, _Seen] = {}
         self._heartbeat_revision: int | None = None
         self._renewed_at = -math.inf
+        # Writes to this node's leases take turns: each is a compare-and-set on the last revision.
+        self._writing = trio.Lock()
+        self._takeovers: trio.Nursery | None = None
+        self.acquiring: set[int] = set()  # shards whose takeover task is running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        while True:
-            try:
-                await self.round()
-            except NatsError as error:
-                log.warning("node %s: ownership round failed (%s); retrying", self.node, error)
-            await self._step_down_if_stale()
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(self.lease_seconds / 3)
+        async with trio.open_nursery() as takeovers:
+            self._takeovers = takeovers
+            while True:
+                try:
+                    await self.round()
+                except NatsError as error:
+                    log.warning("node %s: ownership round failed (%s); retrying", self.node, error)
+                await self._step_down_if_stale()
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(self.lease_seconds / 3)
 
     async def round(self) -> None:
         """Heartbeat, renew, look, then take and hand off as the plan says."""
@@ -111,7 +135,8 @@ class LeaseKeeper:
         for shard in step.take:
             await self._take(shard)
         for shard in step.hand_off:
-            await self.hand_off(shard)
+            if shard not in self.acquiring:  # handed off once it serves, if the plan still says so
+                await self.hand_off(shard)
 
     async def stop(self) -> None:
         """Hand every shard off cleanly (a node leaving on purpose)."""
@@ -142,9 +167,12 @@ class LeaseKeeper:
         renewed_all = True
         for shard, held in sorted(self.held.items()):
             try:
-                held.revision = await self.bucket.update(
-                    shard_key(shard), _encode(self.node, held.epoch), held.revision
-                )
+                async with self._writing:
+                    if self.held.get(shard) is not held:
+                        continue  # handed off meanwhile
+                    held.revision = await self.bucket.update(
+                        shard_key(shard), _encode(LeaseValue(self.node, held.epoch, held.snapshot)), held.revision
+                    )
             except WrongRevision:
                 # Someone else wrote the lease: it is not ours any more. Stop at once (unless
                 # the shard was handed back meanwhile, its commit having failed).
@@ -181,8 +209,8 @@ class LeaseKeeper:
             if shard in self.held:
                 leases[shard] = Lease(self.node, self.held[shard].epoch)
             elif key in values and fresh(key):
-                owner, epoch = _decode(values[key][0])
-                leases[shard] = None if owner == RELEASED else Lease(owner, epoch)
+                value = _decode(values[key][0])
+                leases[shard] = None if value.owner == RELEASED else Lease(value.owner, value.epoch)
             else:
                 leases[shard] = None
         self.live_nodes = live
@@ -192,26 +220,63 @@ class LeaseKeeper:
     async def _take(self, shard: int) -> None:
         key = shard_key(shard)
         current = await self.bucket.get(key)
+        snapshot: int | None = None
         try:
             if current is None:
-                epoch = await self.bucket.create(key, _encode(self.node, 0))
+                epoch = await self.bucket.create(key, _encode(LeaseValue(self.node, 0)))
             else:
-                owner, _ = _decode(current[0])
+                value = _decode(current[0])
                 seen = self._seen.get(key)
                 if seen is None or seen.revision != current[1]:
                     return  # it moved since we looked: its owner is alive, or someone took it
                 dead = trio.current_time() - seen.changed_at >= self.lease_seconds
-                if owner != RELEASED and not dead:
+                if value.owner != RELEASED and not dead:
                     return  # its owner still renews it (only its heartbeat was late)
-                epoch = await self.bucket.update(key, _encode(self.node, 0), current[1])
+                snapshot = value.snapshot
+                epoch = await self.bucket.update(key, _encode(LeaseValue(self.node, 0, snapshot)), current[1])
         except (KeyExists, WrongRevision):
             return  # another node won it
         # The epoch is the revision that took it; the value says so from the first renewal.
-        revision = await self.bucket.update(key, _encode(self.node, epoch), epoch)
-        self.held[shard] = _Held(epoch, revision)
+        revision = await self.bucket.update(key, _encode(LeaseValue(self.node, epoch, snapshot)), epoch)
+        held = _Held(epoch, revision, snapshot)
+        self.held[shard] = held
         log.info("node %s: took shard %d (epoch %d)", self.node, shard, epoch)
-        if not await self._acquire(shard, epoch):
-            await self.hand_off(shard)
+        self.acquiring.add(shard)
+        assert self._takeovers is not None, "shards are taken only while `run` runs"
+        self._takeovers.start_soon(self._serve_taken, shard, held)
+
+    async def _serve_taken(self, shard: int, held: _Held) -> None:
+        """Recover and serve a shard just taken; give it back if that fails or the lease went meanwhile."""
+        try:
+            serving = await self._acquire(shard, held.epoch, held.snapshot)
+        finally:
+            self.acquiring.discard(shard)
+        if self.held.get(shard) is not held:
+            # Lost (a failed renewal, a stale step-down) while recovering: stop at once.
+            if serving:
+                await self._release(shard)
+            return
+        if not serving:
+            try:
+                await self.hand_off(shard)
+            except NatsError as error:
+                log.warning("node %s: handing shard %d back failed (%s); its lease lapses", self.node, shard, error)
+
+    async def record_snapshot(self, shard: int, sequence: int) -> bool:
+        """Name the snapshot covering `sequence` in the shard's lease; False when the lease
+        is not this node's any more (then nothing may be purged on its account)."""
+        async with self._writing:
+            held = self.held.get(shard)
+            if held is None:
+                return False
+            try:
+                held.revision = await self.bucket.update(
+                    shard_key(shard), _encode(LeaseValue(self.node, held.epoch, sequence)), held.revision
+                )
+            except WrongRevision:
+                return False  # a newer owner took it; the next renewal stops this node serving it
+            held.snapshot = sequence
+            return True
 
     async def hand_off(self, shard: int) -> None:
         """Stop serving `shard` (the release callback), then write its lease back as released."""
@@ -219,11 +284,14 @@ class LeaseKeeper:
         if held is None:
             return
         await self._release(shard)
-        try:
-            await self.bucket.update(shard_key(shard), _encode(RELEASED, held.epoch), held.revision)
-            log.info("node %s: handed shard %d off (epoch %d)", self.node, shard, held.epoch)
-        except WrongRevision:
-            pass  # already taken over
+        async with self._writing:
+            try:
+                await self.bucket.update(
+                    shard_key(shard), _encode(LeaseValue(RELEASED, held.epoch, held.snapshot)), held.revision
+                )
+                log.info("node %s: handed shard %d off (epoch %d)", self.node, shard, held.epoch)
+            except WrongRevision:
+                pass  # already taken over
 
     async def _step_down_if_stale(self) -> None:
         """Not renewed for two thirds of the lease: stop serving before anyone may take over."""
@@ -234,15 +302,20 @@ class LeaseKeeper:
                     await self._release(shard)
 
 
-def _encode(node: str, epoch: int) -> bytes:
-    return msgpack.packb([node, epoch])
+def _encode(value: LeaseValue) -> bytes:
+    return msgpack.packb([value.owner, value.epoch, value.snapshot])
 
 
-def _decode(value: bytes) -> tuple[str, int]:
+def _decode(data: bytes) -> LeaseValue:
+    """A lease as written; unreadable is free, taken over under a new epoch and replayed
+    from the start of the journal (nothing before a snapshot is purged until one is named)."""
     try:
-        node, epoch = msgpack.unpackb(value)
+        fields = msgpack.unpackb(data)
     except (ValueError, TypeError, msgpack.UnpackException):
-        return RELEASED, 0  # unreadable: treated as free, and taken over under a new epoch
-    if type(node) is not str or type(epoch) is not int:
-        return RELEASED, 0
-    return node, epoch
+        return LeaseValue(RELEASED, 0)
+    if type(fields) is not list or len(fields) not in (2, 3):
+        return LeaseValue(RELEASED, 0)
+    owner, epoch, snapshot = (*fields, None) if len(fields) == 2 else fields
+    if type(owner) is not str or type(epoch) is not int or (snapshot is not None and type(snapshot) is not int):
+        return LeaseValue(RELEASED, 0)
+    return LeaseValue(owner, epoch, snapshot)
