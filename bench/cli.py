@@ -51,6 +51,7 @@ from bench.report import (
     plot,
     ratio_line,
     ratio_spread_line,
+    retries_line,
     rss_line,
     runs_table,
     spread_table,
@@ -315,6 +316,9 @@ def finish(arguments: argparse.Namespace, settings: dict[str, Any], title: str, 
     for report in rounds[-1]:
         summary = report.summary()
         print(f"{report.label}: {statuses_line(summary)}")
+        retries = retries_line(summary)
+        if retries is not None:
+            print(f"{report.label}: {retries}")
         print(f"{report.label}: {load_line(summary)}")
         print(f"{report.label}: {cpu_line(summary)}")
         memory = rss_line(summary)

@@ -81,10 +81,16 @@ class Merged:
     busy_retries: int
     client_cpu_seconds: float
     errors: list[str]
+    # Requests sent again after an `unavailable` answer; connections opened again after a
+    # gateway was lost, and the requests they sent again.
+    unavailable_retries: int = 0
+    reconnects: int = 0
+    resent_after_loss: int = 0
 
     @property
     def answered(self) -> int:
-        return sum(sum(counts.values()) for counts in self.statuses.values()) - self.busy_retries
+        statuses = sum(sum(counts.values()) for counts in self.statuses.values())
+        return statuses - self.busy_retries - self.unavailable_retries
 
     @property
     def elapsed_seconds(self) -> float | None:
@@ -133,6 +139,7 @@ def merge(results: Sequence[DriverResult]) -> Merged:
         crowd_answered=sum(result.crowd_answered for result in results),
         unsent_buyers=sum(result.unsent_buyers for result in results),
         unanswered=sum(result.unanswered for result in results),
+        unavailable_unresolved=sum(result.unavailable_unresolved for result in results),
     )
     return Merged(
         statuses={op: counts for op, counts in statuses.items() if counts},
@@ -151,6 +158,9 @@ def merge(results: Sequence[DriverResult]) -> Merged:
         busy_retries=sum(result.busy_retries for result in results),
         client_cpu_seconds=sum(result.cpu_seconds for result in results),
         errors=errors,
+        unavailable_retries=sum(result.unavailable_retries for result in results),
+        reconnects=sum(result.reconnects for result in results),
+        resent_after_loss=sum(result.resent_after_loss for result in results),
     )
 
 
@@ -243,6 +253,10 @@ class RunReport:
             "requests_sent": merged.sent,
             "requests_answered": merged.answered,
             "busy_retries": merged.busy_retries,
+            "unavailable_retries": merged.unavailable_retries,
+            "unavailable_unresolved": merged.observed.unavailable_unresolved,
+            "reconnects": merged.reconnects,
+            "resent_after_reconnect": merged.resent_after_loss,
             "buyers_not_sent": merged.observed.unsent_buyers,
             "server_cpu_seconds": None if self.server_cpu_seconds is None else round(self.server_cpu_seconds, 3),
             "server_cpu_microseconds_per_request": (
@@ -369,6 +383,19 @@ def statuses_line(summary: dict[str, Any]) -> str:
         shown = ", ".join(f"{status} {count:,}" for status, count in sorted(counts.items(), key=lambda item: -item[1]))
         parts.append(f"{op}: {shown}")
     return "; ".join(parts)
+
+
+def retries_line(summary: dict[str, Any]) -> str | None:
+    """What the crowd sent again: after `unavailable`, and after a lost connection; None when nothing."""
+    if not (summary["unavailable_retries"] or summary["unavailable_unresolved"] or summary["reconnects"]):
+        return None
+    unavailable = summary["statuses"].get("reserve", {}).get("unavailable", 0)
+    return (
+        f"unavailable {unavailable:,} replies, {summary['unavailable_retries']:,} sent again with their keys, "
+        f"{summary['unavailable_unresolved']:,} still unavailable after the last try; "
+        f"{summary['reconnects']:,} connections opened again at another gateway, "
+        f"{summary['resent_after_reconnect']:,} requests sent again there"
+    )
 
 
 def cpu_line(summary: dict[str, Any]) -> str:
