@@ -98,7 +98,8 @@ def run_cluster(cluster: SpawnedCluster, scenario: Scenario, load: Load, label: 
         journal["kind"] = f"replicated JetStream publish, R{REPLICAS}"
     report.journal = journal
     report.cluster = {
-        "nodes": [{"name": node.name, "role": node.role, "url": node.url} for node in cluster.nodes],
+        "nodes": [{"name": node.name, "role": node.role, "url": node.url, "pid": node.pid} for node in cluster.nodes],
+        "nats_pids": cluster.nats_pids(),
         "crowd_nodes": [node.name for node in crowd],
         "shards": cluster.shards,
         "lease_seconds": cluster.lease_seconds,
