@@ -11,7 +11,7 @@ and the embedded engine.
     soldout bench wire --quick                     # the wire cases: 1 and 100 per frame, open loop, soak
     soldout bench embedded --quick                 # decisions/s through the in-process API
     soldout bench --cluster 2                      # 3 NATS servers + 2 nodes, the crowd through both
-    soldout bench --cluster 2 --cluster-gateways 1 # the crowd through a gateway-only node alone
+    soldout bench --cluster 2 --split-roles        # the crowd only to the node not owning its SKU
     soldout bench --cluster 2 --kill-owner-after 2 # kill -9 the hot SKU's owner 2 s in: failover time
 
 The bench puts its own SKUs (names unique to the run, through the admin op put_sku), or
@@ -147,14 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--repeat", type=int, default=1, help="run everything N times and print each figure's spread")
     cluster = parser.add_argument_group("a cluster (3 NATS servers and soldout nodes on this machine)")
     cluster.add_argument(
-        "--cluster", type=int, metavar="N", help="start 3 NATS servers and N shard-owning soldout nodes for the run"
+        "--cluster", type=int, metavar="N", help="start 3 NATS servers and N soldout nodes for the run"
     )
     cluster.add_argument(
-        "--cluster-gateways",
-        type=int,
-        default=0,
-        metavar="G",
-        help="add G gateway-only nodes (owns_shards = false); the crowd then goes to them alone",
+        "--split-roles",
+        action="store_true",
+        help="the crowd only to the nodes not owning its SKU's shard: gateway and owner CPU apart",
     )
     cluster.add_argument(
         "--kill-owner-after",
@@ -266,7 +264,7 @@ def _cluster_problem(arguments: argparse.Namespace) -> str | None:
         given = [
             flag
             for flag, value in (
-                ("--cluster-gateways", arguments.cluster_gateways),
+                ("--split-roles", arguments.split_roles),
                 ("--kill-owner-after", arguments.kill_owner_after),
             )
             if value
@@ -274,8 +272,8 @@ def _cluster_problem(arguments: argparse.Namespace) -> str | None:
         return f"{', '.join(given)} needs --cluster N" if given else None
     if arguments.cluster < 1:
         return "--cluster must be at least 1"
-    if arguments.cluster_gateways < 0:
-        return "--cluster-gateways must not be negative"
+    if arguments.split_roles and arguments.cluster < 2:
+        return "--split-roles sends the crowd to the nodes not owning its shard: --cluster 2 or more"
     if arguments.scenario != "flash":
         return "--cluster runs the flash scenario"
     clashing = [
@@ -341,7 +339,7 @@ def run(arguments: argparse.Namespace) -> int:
     if arguments.cluster is not None:
         settings["cluster"] = {
             "owners": arguments.cluster,
-            "gateways": arguments.cluster_gateways,
+            "split_roles": arguments.split_roles,
             "shards": arguments.shards or DEFAULT_SHARDS,
             "lease_seconds": arguments.lease_seconds,
             "kill_owner_after_seconds": arguments.kill_owner_after,
@@ -369,7 +367,6 @@ def run(arguments: argparse.Namespace) -> int:
             cluster = servers.enter_context(
                 spawned_cluster(
                     arguments.cluster,
-                    arguments.cluster_gateways,
                     shards=arguments.shards or DEFAULT_SHARDS,
                     lease_seconds=arguments.lease_seconds,
                 )
@@ -387,15 +384,14 @@ def run(arguments: argparse.Namespace) -> int:
 
 
 def _cluster_label(arguments: argparse.Namespace) -> str:
-    owners = f"{arguments.cluster} node" + ("s" if arguments.cluster > 1 else "")
-    if arguments.cluster_gateways:
-        gateways = f"{arguments.cluster_gateways} gateway" + ("s" if arguments.cluster_gateways > 1 else "")
-        return f"cluster, {owners} owning + {gateways} (the crowd's)"
-    return f"cluster, {owners}"
+    nodes = f"{arguments.cluster} node" + ("s" if arguments.cluster > 1 else "")
+    if arguments.split_roles:
+        return f"cluster, {nodes}, roles split"
+    return f"cluster, {nodes}"
 
 
 def _cluster_run(arguments: argparse.Namespace) -> ClusterRun:
-    return ClusterRun(kill_owner_after=arguments.kill_owner_after)
+    return ClusterRun(kill_owner_after=arguments.kill_owner_after, split_roles=arguments.split_roles)
 
 
 def _single_server_rounds(

@@ -1,11 +1,15 @@
 """The processes of a cluster bench run: three NATS servers (bench/nats_cluster.py) and N
-`soldout serve` nodes on loopback, what is read from them (each role's CPU, each node's
-stats and cluster view), and the owner kill with its failover probe.
+`soldout serve` nodes on loopback, each owning its fair share of the shards, what is read
+from them (each role's CPU, each node's stats and cluster view), and the owner kill with
+its failover probe.
 
-    owners     nodes that own shards (`owns_shards = true`); they take the crowd too
-               unless the layout has gateways
-    gateways   gateway-only nodes (`owns_shards = false`): with any, the crowd goes to
-               them alone, so the owners' CPU is the owner side's and theirs the gateway's
+Roles, for the CPU figures: every node is a gateway (its clients' requests, forwarded to
+a shard's owner over NATS when it is not the owner) and an owner (its shards). With the
+crowd on one SKU, sending the crowd only to the nodes that do not own its shard splits
+them: those nodes are the gateway side, the owner takes no client traffic.
+
+(`owns_shards = false` gateway-only nodes are not used: the lease plan counts their
+heartbeats as live nodes, so the owners stop below all the shards.)
 
 Every process started here is stopped by its pid when the block ends, also on failure
 or Ctrl-C: the nodes with SIGTERM (a killed one is already gone), then the NATS servers.
@@ -27,6 +31,7 @@ from typing import Any
 from bench.nats_cluster import NatsCluster
 from bench.orchestrator import BenchError, ServerProcess, machine_busy_cpu_seconds, process_cpu_seconds
 
+NODE = "node"  # gateway and owner at once
 OWNER = "owner"
 GATEWAY = "gateway"
 NATS = "nats"
@@ -46,7 +51,6 @@ PROBE_NAMES_MAX = 1000
 @dataclass
 class Node:
     name: str
-    role: str  # OWNER or GATEWAY
     server: ServerProcess
 
     @property
@@ -68,14 +72,6 @@ class SpawnedCluster:
     admin_token: str
     # pid -> CPU seconds read just before the bench killed it.
     cpu_at_kill: dict[int, float] = field(default_factory=dict)
-
-    def role(self, role: str) -> list[Node]:
-        return [node for node in self.nodes if node.role == role]
-
-    @property
-    def crowd_nodes(self) -> list[Node]:
-        """Where the crowd connects: the gateway-only nodes when there are any, else every owner."""
-        return self.role(GATEWAY) or self.role(OWNER)
 
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
@@ -102,24 +98,24 @@ class SpawnedCluster:
 
 
 def node_config_text(
-    *, node: str, nats_urls: Sequence[str], shards: int, lease_seconds: float, owns_shards: bool, token: str, admin: str
+    *, node: str, nats_urls: Sequence[str], shards: int, lease_seconds: float, token: str, admin: str
 ) -> str:
     urls = ", ".join(f'"{url}"' for url in nats_urls)
     return (
         '[server]\nhost = "127.0.0.1"\nport = 0\nmetrics_port = false\n'
         f"[engine]\nshards = {shards}\n"
         f'[cluster]\nnats_urls = [{urls}]\nnode = "{node}"\nreplicas = {REPLICAS}\n'
-        f"lease_seconds = {lease_seconds}\nowns_shards = {'true' if owns_shards else 'false'}\n"
+        f"lease_seconds = {lease_seconds}\n"
         f'[auth]\nfrontend_tokens = ["{token}"]\nadmin_tokens = ["{admin}"]\n'
     )
 
 
 @contextlib.contextmanager
 def spawned_cluster(
-    owners: int, gateways: int = 0, *, shards: int = DEFAULT_SHARDS, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    nodes: int, *, shards: int = DEFAULT_SHARDS, lease_seconds: float = DEFAULT_LEASE_SECONDS
 ) -> Iterator[SpawnedCluster]:
-    """Three NATS servers and `owners` + `gateways` soldout nodes, the shards settled at
-    the owners' fair shares; everything stopped after."""
+    """Three NATS servers and `nodes` soldout nodes, the shards settled at their fair
+    shares; everything stopped after."""
     token = "front-" + secrets.token_hex(8)
     admin = "admin-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="soldout-cluster-") as directory, contextlib.ExitStack() as stack:
@@ -131,9 +127,7 @@ def spawned_cluster(
         except AssertionError as error:
             raise BenchError(f"the NATS cluster did not start: {error}") from None
         cluster = SpawnedCluster(nats, [], shards, lease_seconds, token, admin)
-        layout = [(f"owner-{number + 1}", OWNER) for number in range(owners)]
-        layout += [(f"gateway-{number + 1}", GATEWAY) for number in range(gateways)]
-        for name, role in layout:
+        for name in (f"node-{number + 1}" for number in range(nodes)):
             config = root / f"{name}.toml"
             config.write_text(
                 node_config_text(
@@ -141,7 +135,6 @@ def spawned_cluster(
                     nats_urls=nats.urls,
                     shards=shards,
                     lease_seconds=lease_seconds,
-                    owns_shards=role == OWNER,
                     token=token,
                     admin=admin,
                 )
@@ -150,7 +143,7 @@ def spawned_cluster(
             server = ServerProcess(f"node {name}", command, "soldout serving ", root)
             server.start()
             stack.callback(server.stop)
-            cluster.nodes.append(Node(name, role, server))
+            cluster.nodes.append(Node(name, server))
         wait_settled(cluster)
         yield cluster
 
@@ -161,19 +154,23 @@ def fair_shares(shards: int, owners: int) -> list[int]:
 
 
 def wait_settled(cluster: SpawnedCluster, seconds: float = SETTLE_SECONDS_MAX) -> dict[str, Any]:
-    """Until every shard has an owner and each owner node its fair share; the cluster view then."""
-    owners = [node.name for node in cluster.role(OWNER) if node.server.running]
-    expected = fair_shares(cluster.shards, len(owners))
+    """Until every shard has an owner, each node its fair share, and every node sees the
+    same owners (a node routes by its own view); the cluster view then."""
+    nodes = cluster.alive()
+    names = [node.name for node in nodes]
+    expected = fair_shares(cluster.shards, len(nodes))
     deadline = time.monotonic() + seconds
     view: dict[str, Any] = {}
     while time.monotonic() < deadline:
         with contextlib.suppress(BenchError):
-            view = cluster_view(cluster, cluster.alive()[0])
-            held = list(view["owners"].values())
-            if None not in held and sorted(held.count(name) for name in owners) == expected:
+            views = [cluster_view(cluster, node)["owners"] for node in nodes]
+            view = {"owners": views[0]}
+            held = list(views[0].values())
+            agreed = all(other == views[0] for other in views[1:])
+            if agreed and None not in held and sorted(held.count(name) for name in names) == expected:
                 return view
         time.sleep(POLL_SECONDS)  # another process's state: polled, with a deadline
-    raise BenchError(f"the shards did not settle among {owners} in {seconds:.0f} s: {view.get('owners')}")
+    raise BenchError(f"the shards did not settle among {names} in {seconds:.0f} s: {view.get('owners')}")
 
 
 def admin(cluster: SpawnedCluster, node: Node, work: Callable[[Any], Any]) -> Any:
@@ -211,15 +208,13 @@ def owners_text(view: dict[str, Any]) -> str:
 
 
 class RoleCpu:
-    """CPU seconds each role spent over one run (a Meter for run_drivers)."""
+    """CPU seconds each role spent over one run (a Meter for run_drivers): `roles` maps a
+    role to its nodes; the NATS servers are a role of their own."""
 
-    def __init__(self, cluster: SpawnedCluster) -> None:
+    def __init__(self, cluster: SpawnedCluster, roles: dict[str, Sequence[Node]]) -> None:
         self.cluster = cluster
-        self.pids = {
-            OWNER: [node.pid for node in cluster.role(OWNER)],
-            GATEWAY: [node.pid for node in cluster.role(GATEWAY)],
-            NATS: cluster.nats_pids(),
-        }
+        self.pids = {role: [node.pid for node in nodes] for role, nodes in roles.items()}
+        self.pids[NATS] = cluster.nats_pids()
         self._before: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self._machine_before: float | None = None

@@ -21,6 +21,7 @@ from typing import Any
 from bench.checks import Check, Counts, check_run
 from bench.cluster import (
     GATEWAY,
+    NODE,
     OWNER,
     REPLICAS,
     Failover,
@@ -48,28 +49,41 @@ COUNTS_SECONDS_MAX = 30.0
 @dataclass(frozen=True)
 class ClusterRun:
     kill_owner_after: float | None = None
+    # The crowd only to the nodes that do not own the hot SKU's shard: gateway and owner apart.
+    split_roles: bool = False
 
 
 def run_cluster(cluster: SpawnedCluster, scenario: Scenario, load: Load, label: str, run: ClusterRun) -> RunReport:
-    from bench.targets import put_skus
     from engine.router import shard_for_sku
 
     demand = scenario.plan().demand()
-    crowd = cluster.crowd_nodes
-    first = crowd[0]
+    nodes = cluster.alive()
+    first = nodes[0]
 
     async def put(client: Any) -> None:
-        await put_skus(client, scenario)
+        # Right after the shards settle a node may still be learning their owners: a put
+        # answered unavailable is asked again (a put sets the same settings again).
+        replies = await _decided(client, [_put_sku(plan) for plan in scenario.skus])
+        for plan, reply in zip(scenario.skus, replies, strict=True):
+            if reply.status != "ok":
+                raise BenchError(f"put_sku {plan.sku} was answered {reply.status}: {reply.error or ''}")
 
     admin(cluster, first, put)
     hot_shard = shard_for_sku(scenario.skus[0].sku, cluster.shards)
     view = cluster_view(cluster, first)
-    owners = [node for node in cluster.role(OWNER) if node.server.running]
+    hot_owner = cluster.node(view["owners"][str(hot_shard)])
+    if run.split_roles:
+        crowd = [node for node in nodes if node is not hot_owner]
+        roles = {GATEWAY: crowd, OWNER: [hot_owner]}
+    else:
+        crowd = nodes
+        roles = {NODE: nodes}
+    owners = nodes
     stats_before = {node.name: node_stats(cluster, node) for node in owners}
     kill = _owner_kill(cluster, view, hot_shard, run) if run.kill_owner_after is not None else None
     urls = tuple(node.url for node in crowd)
     template = DriverSettings("soldout", urls[0], cluster.token, scenario, 0, range(0), 1, 1, 1, None, None, urls=urls)
-    cpu = RoleCpu(cluster)
+    cpu = RoleCpu(cluster, roles)
     results = run_drivers(
         load,
         load.settings(scenario, template),
@@ -98,10 +112,19 @@ def run_cluster(cluster: SpawnedCluster, scenario: Scenario, load: Load, label: 
         journal["kind"] = f"replicated JetStream publish, R{REPLICAS}"
     report.journal = journal
     report.cluster = {
-        "nodes": [{"name": node.name, "role": node.role, "url": node.url, "pid": node.pid} for node in cluster.nodes],
+        "nodes": [
+            {
+                "name": node.name,
+                "role": next(role for role, members in roles.items() if node in members),
+                "url": node.url,
+                "pid": node.pid,
+            }
+            for node in cluster.nodes
+        ],
         "nats_pids": cluster.nats_pids(),
         "crowd_nodes": [node.name for node in crowd],
         "shards": cluster.shards,
+        "hot_shard": hot_shard,
         "lease_seconds": cluster.lease_seconds,
         "owners_before": view["owners"],
         "owners_after": cluster_view(cluster, survivor)["owners"],
@@ -121,11 +144,11 @@ def _owner_kill(cluster: SpawnedCluster, view: dict[str, Any], hot_shard: int, r
     if victim_name is None:
         raise BenchError(f"shard {hot_shard} of the hot SKU has no owner before the run")
     victim = cluster.node(victim_name)
-    others = [node for node in cluster.role(OWNER) if node is not victim]
+    others = [node for node in cluster.alive() if node is not victim]
     if not others:
-        raise BenchError("--kill-owner-after needs a second owner to take the shards over: --cluster 2 or more")
-    # The probe asks through a node the crowd uses, that survives: a gateway, or another owner.
-    probe_node = next(node for node in cluster.role(GATEWAY) + others)
+        raise BenchError("--kill-owner-after needs a second node to take the shards over: --cluster 2 or more")
+    # The probe asks through a node that survives.
+    probe_node = others[0]
     its_shards = [int(shard) for shard, owner in view["owners"].items() if owner == victim_name]
     probes = probe_skus(its_shards, cluster.shards, secrets.token_hex(3))
 
@@ -138,6 +161,12 @@ def _owner_kill(cluster: SpawnedCluster, view: dict[str, Any], hot_shard: int, r
     admin(cluster, probe_node, put)
     failover = Failover(victim_name, hot_shard, view, run.kill_owner_after)
     return OwnerKill(cluster, victim, probe_node, probes, failover)
+
+
+def _put_sku(plan: Any) -> Any:
+    from protocol.messages import PutSku
+
+    return PutSku(plan.sku, plan.stock, plan.per_buyer_limit, plan.hold_seconds)
 
 
 def _settled_counts(cluster: SpawnedCluster, node: Node, scenario: Scenario) -> list[Any]:

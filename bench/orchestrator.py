@@ -258,8 +258,11 @@ def _wait_until_serving(name: str, process: subprocess.Popen[bytes], ready_prefi
 
     def read() -> None:
         assert process.stdout is not None
-        for raw in process.stdout:
-            lines.put(raw.decode(errors="replace").strip())
+        # Read to the end, so the server never blocks on a full pipe; the pipe is closed
+        # when the server is stopped, which may end this read.
+        with contextlib.suppress(ValueError, OSError):
+            for raw in process.stdout:
+                lines.put(raw.decode(errors="replace").strip())
         lines.put(None)
 
     threading.Thread(target=read, name="soldout-bench-server-stdout", daemon=True).start()

@@ -433,7 +433,12 @@ def journal_line(summary: dict[str, Any]) -> str | None:
     )
 
 
-ROLE_NAMES = {"gateway": "gateway-only nodes", "owner": "owner nodes", "nats": "nats-server processes"}
+ROLE_NAMES = {
+    "node": "nodes (gateway + owner)",
+    "gateway": "gateway side (the crowd's nodes)",
+    "owner": "owner side (the hot shard's node)",
+    "nats": "nats-server processes",
+}
 
 
 def role_cpu_line(summary: dict[str, Any]) -> str | None:
@@ -442,9 +447,7 @@ def role_cpu_line(summary: dict[str, Any]) -> str | None:
     roles = summary["cpu_by_role"]
     if not roles:
         return None
-    names = dict(ROLE_NAMES)
-    if "gateway" not in roles:
-        names["owner"] = "nodes (gateway + owner)"
+    names = ROLE_NAMES
     parts = []
     for role, figures in roles.items():
         per = figures["microseconds_per_reserve"]

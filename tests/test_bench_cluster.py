@@ -2,8 +2,8 @@
 connection (sans-IO), the cluster flags' errors, and two small real runs of
 `soldout bench flash --cluster` over the bench's own three NATS servers: kill -9 of the
 hot SKU's owner mid-run (`make demo-cluster` at a small size), and the gateway/owner
-split. Each run's figures must agree with each other, its checks pass, and every process
-it started must be gone when it returns."""
+split (the crowd only to the node that does not own its shard). Each run's figures must
+agree with each other, its checks pass, and every process it started must be gone."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def test_a_lost_connections_requests_go_first_on_the_next_one() -> None:
     ("arguments", "message"),
     [
         (["--cluster", "1", "--kill-owner-after", "1"], "needs a second owner"),
-        (["--spawn", "--cluster-gateways", "1"], "--cluster-gateways needs --cluster N"),
+        (["--spawn", "--split-roles"], "--split-roles needs --cluster N"),
+        (["--cluster", "1", "--split-roles"], "--split-roles sends the crowd to the nodes not owning its shard"),
         (["--cluster", "2", "--spawn"], "leave out --spawn"),
         (["--cluster", "2", "--durable"], "leave out --durable"),
         (["catalog", "--cluster", "2"], "--cluster runs the flash scenario"),
@@ -185,19 +186,23 @@ def test_kill_9_of_the_hot_skus_owner_mid_sale_sells_every_unit_once(
     assert failover["hot_shard_answered_after_ms"] > 0
     assert failover["all_its_shards_answered_after_ms"] >= failover["hot_shard_answered_after_ms"]
     assert run["journal"]["commits"] > 0
-    assert set(run["cpu_by_role"]) == {"owner", "nats"}
+    assert set(run["cpu_by_role"]) == {"node", "nats"}
     assert f"killed {killed} (kill -9) 1 s into the run" in output
     assert "failover: the hot SKU's shard answered again" in output
 
 
 @pytest.mark.slow
-def test_a_gateway_only_node_takes_the_crowd_and_the_roles_cpu_is_split(
+def test_with_the_roles_split_the_hot_shards_owner_takes_no_client_traffic(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    arguments = ["--cluster", "1", "--cluster-gateways", "1", "--buyers", "3000", "--stock", "500"]
+    arguments = ["--cluster", "2", "--split-roles", "--buyers", "3000", "--stock", "500"]
     run, output = run_cluster_bench(tmp_path, arguments, capsys)
     assert run["statuses"]["reserve"] == {OK: 500, "sold_out": 2500}
-    assert run["cluster"]["crowd_nodes"] == ["gateway-1"]
+    cluster = run["cluster"]
+    hot_owner = cluster["owners_before"][str(run["cluster"]["hot_shard"])]
+    assert [node["name"] for node in cluster["nodes"] if node["role"] == "owner"] == [hot_owner]
+    (gateway,) = cluster["crowd_nodes"]
+    assert gateway != hot_owner
     assert run["failover"] is None
     roles = run["cpu_by_role"]
     assert set(roles) == {"owner", "gateway", "nats"}
@@ -205,4 +210,4 @@ def test_a_gateway_only_node_takes_the_crowd_and_the_roles_cpu_is_split(
     assert run["server_cpu_seconds"] == pytest.approx(sum(figures["seconds"] for figures in roles.values()), abs=0.01)
     assert run["journal"]["commits"] > 0
     assert run["journal"]["kind"] == "replicated JetStream publish, R3"
-    assert "CPU by role: owner nodes" in output
+    assert "CPU by role: gateway side (the crowd's nodes)" in output
