@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench bench-peer redis-server clean
+.PHONY: test demo demo-cluster lint bench bench-peer redis-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench-peer: $(STAMP) redis-server
 
 demo: $(STAMP)
 	$(BIN)/soldout bench flash --spawn --memory
+
+# Three NATS servers and two soldout nodes on loopback, the flash crowd through both
+# gateways (open loop, so the sale lasts), kill -9 of the hot SKU's owner 2 s in; prints the
+# owners before and after, the failover time and the checks. Stops everything it started.
+demo-cluster: $(STAMP)
+	$(BIN)/soldout bench flash --cluster 2 --buyers 24000 --stock 10000 --rate 2000 --kill-owner-after 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,8 +21,9 @@ from typing import Any
 from bench.scenarios import Scenario, buyer_name
 from bench.targets import ECHOED
 
-# What a crowd of distinct buyers on an open SKU may be answered.
-CROWD_STATUSES = frozenset({"ok", "sold_out", "busy"})
+# What a crowd of distinct buyers on an open SKU may be answered (`busy` and `unavailable`
+# are sent again with their keys).
+CROWD_STATUSES = frozenset({"ok", "sold_out", "busy", "unavailable"})
 # How many offending SKUs, buyers or ids a failed check names.
 EXAMPLES_MAX = 5
 
@@ -57,6 +58,8 @@ class Observed:
     crowd_answered: int
     unsent_buyers: int
     unanswered: int
+    # Requests still `unavailable` after their last try: their outcome is unknown.
+    unavailable_unresolved: int = 0
 
 
 def check_run(
@@ -155,7 +158,18 @@ def check_run(
 
     if reserve_statuses is not None and not scenario.existing_sku:
         unexpected = {status: count for status, count in reserve_statuses.items() if status not in CROWD_STATUSES}
-        checks.append(_check("reserves answered only ok, sold_out or busy", not unexpected, repr(unexpected)))
+        checks.append(
+            _check("reserves answered only ok, sold_out, busy or unavailable", not unexpected, repr(unexpected))
+        )
+    if reserve_statuses is not None and reserve_statuses.get("unavailable"):
+        unresolved = observed.unavailable_unresolved
+        checks.append(
+            _check(
+                "every request answered unavailable decided on a retry",
+                unresolved == 0,
+                f"{unresolved} requests still unavailable after their last try: their outcome is unknown",
+            )
+        )
     if stats_skus is not None:
         disagree = []
         for index, count in known:

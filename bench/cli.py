@@ -10,6 +10,9 @@ and the embedded engine.
     soldout bench --url ws://HOST:8765/v1 --token T --admin-token A --sku FLASH-2 --buyers-file registered.csv
     soldout bench wire --quick                     # the wire cases: 1 and 100 per frame, open loop, soak
     soldout bench embedded --quick                 # decisions/s through the in-process API
+    soldout bench --cluster 2                      # 3 NATS servers + 2 nodes, the crowd through both
+    soldout bench --cluster 2 --split-roles        # the crowd only to the node not owning its SKU
+    soldout bench --cluster 2 --kill-owner-after 2 # kill -9 the hot SKU's owner 2 s in: failover time
 
 The bench puts its own SKUs (names unique to the run, through the admin op put_sku), or
 with `--sku` drives a SKU the server already has, as its operator configured it (stock,
@@ -40,17 +43,24 @@ from pathlib import Path
 from typing import Any
 
 from bench.checks import failures
+from bench.cluster import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS, spawned_cluster
+from bench.cluster_runs import ClusterRun, run_cluster
 from bench.orchestrator import BenchError, Load, Server, spawned_echo, spawned_soldout
 from bench.report import (
     PlotUnavailable,
     RunReport,
+    cluster_line,
     cpu_line,
+    failover_lines,
     human_summary,
+    journal_line,
     json_report,
     load_line,
     plot,
     ratio_line,
     ratio_spread_line,
+    retries_line,
+    role_cpu_line,
     rss_line,
     runs_table,
     spread_table,
@@ -135,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, help="open loop: target requests/s in all (default: closed loop)")
     load.add_argument("--duration", type=float, help="stop sending new buyers after this many seconds")
     load.add_argument("--repeat", type=int, default=1, help="run everything N times and print each figure's spread")
+    cluster = parser.add_argument_group("a cluster (3 NATS servers and soldout nodes on this machine)")
+    cluster.add_argument(
+        "--cluster", type=int, metavar="N", help="start 3 NATS servers and N soldout nodes for the run"
+    )
+    cluster.add_argument(
+        "--split-roles",
+        action="store_true",
+        help="the crowd only to the nodes not owning its SKU's shard: gateway and owner CPU apart",
+    )
+    cluster.add_argument(
+        "--kill-owner-after",
+        type=float,
+        metavar="SECONDS",
+        help="kill -9 the node owning the hot SKU's shard this long after the start; report the failover",
+    )
+    cluster.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_SECONDS,
+        help=f"the nodes' shard lease (default {DEFAULT_LEASE_SECONDS:g})",
+    )
     peer = parser.add_argument_group("the peers")
     peer.add_argument(
         "--peer",
@@ -195,8 +226,11 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
                 wire_cases([name.strip() for name in arguments.cases.split(",") if name.strip()], 1)
             except ValueError as error:
                 return str(error)
-    elif not arguments.url and not arguments.spawn:
-        return "give --url ws://HOST:PORT/v1 (a running server) or --spawn (start one for the run)"
+    cluster = _cluster_problem(arguments)
+    if cluster is not None:
+        return cluster
+    if not wire and arguments.cluster is None and not arguments.url and not arguments.spawn:
+        return "give --url ws://HOST:PORT/v1 (a running server), --spawn (start one), or --cluster N"
     if arguments.url and arguments.spawn:
         return "--url and --spawn exclude each other"
     if arguments.redis_url and "redis" not in _peers(arguments):
@@ -225,6 +259,41 @@ def _argument_problem(arguments: argparse.Namespace) -> str | None:
     return None
 
 
+def _cluster_problem(arguments: argparse.Namespace) -> str | None:
+    if arguments.cluster is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--split-roles", arguments.split_roles),
+                ("--kill-owner-after", arguments.kill_owner_after),
+            )
+            if value
+        ]
+        return f"{', '.join(given)} needs --cluster N" if given else None
+    if arguments.cluster < 1:
+        return "--cluster must be at least 1"
+    if arguments.split_roles and arguments.cluster < 2:
+        return "--split-roles sends the crowd to the nodes not owning its shard: --cluster 2 or more"
+    if arguments.scenario != "flash":
+        return "--cluster runs the flash scenario"
+    clashing = [
+        flag for flag in ("url", "spawn", "peer", "sku", "durable", "memory", "buyers_file") if getattr(arguments, flag)
+    ]
+    if clashing:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in clashing)
+        return f"--cluster starts its own NATS servers and nodes (journals in JetStream): leave out {flags}"
+    if arguments.kill_owner_after is not None:
+        if arguments.kill_owner_after <= 0:
+            return "--kill-owner-after must be above 0"
+        if arguments.cluster < 2:
+            return "--kill-owner-after needs a second owner to take over: --cluster 2 or more"
+        if arguments.repeat > 1:
+            return "--kill-owner-after kills a node once: leave out --repeat"
+    if not 0 < arguments.lease_seconds <= 600:
+        return "--lease-seconds must be above 0 and at most 600"
+    return None
+
+
 def _check_peer_available(arguments: argparse.Namespace) -> None:
     """Say at once, before the soldout run, that the peer cannot run."""
     from bench.redis_peer import REDIS_MISSING, find_redis_server
@@ -247,6 +316,8 @@ def run(arguments: argparse.Namespace) -> int:
     procs = min(arguments.procs, arguments.connections)
     inflight = arguments.inflight or INFLIGHT_BATCHES * arguments.batch
     storage = "durable" if arguments.durable else "memory"
+    if arguments.cluster is not None:
+        storage = _cluster_label(arguments)
     peers = _peers(arguments)
     settings = {
         "scenario": scenario.name,
@@ -261,10 +332,18 @@ def run(arguments: argparse.Namespace) -> int:
         "inflight_per_connection": inflight,
         "rate": arguments.rate,
         "duration_seconds": arguments.duration,
-        "storage": storage if arguments.spawn else None,
+        "storage": storage if arguments.spawn or arguments.cluster else None,
         "peer": peers[0] if len(peers) == 1 else peers or None,
         "repeat": arguments.repeat,
     }
+    if arguments.cluster is not None:
+        settings["cluster"] = {
+            "owners": arguments.cluster,
+            "split_roles": arguments.split_roles,
+            "shards": arguments.shards or DEFAULT_SHARDS,
+            "lease_seconds": arguments.lease_seconds,
+            "kill_owner_after_seconds": arguments.kill_owner_after,
+        }
     if scenario.holds_end:
         settings["confirm_share"] = scenario.confirm_share
         settings["cancel_share"] = scenario.cancel_share
@@ -283,28 +362,71 @@ def run(arguments: argparse.Namespace) -> int:
     cancel = bool(arguments.url) and not arguments.keep_holds
     rounds: list[list[RunReport]] = []
     with contextlib.ExitStack() as servers:
-        soldout = servers.enter_context(_soldout_server(arguments))
-        echo = servers.enter_context(spawned_echo()) if "echo" in peers else None
-        redis_url, own_redis = servers.enter_context(_redis_server(arguments)) if "redis" in peers else (None, False)
-        for round_number in range(arguments.repeat):
-            if round_number:
-                # A fresh crowd on fresh SKUs, so no round meets another's holds.
-                scenario, opens_at = _scenario(arguments, buyers, secrets.token_hex(3))
-                load = replace(load, start_at_epoch=opens_at)
-            if arguments.repeat > 1:
-                print(f"round {round_number + 1} of {arguments.repeat}", flush=True)
-            label = f"soldout {storage}" if arguments.spawn else "soldout"
-            reports = [run_soldout(soldout, scenario, load, label, cancel_holds=cancel)]
-            for peer in peers:
-                if peer == "echo":
-                    assert echo is not None
-                    reports.append(run_echo(echo, scenario, load, "echo"))
-                else:
-                    assert redis_url is not None
-                    redis_label = "redis" if not own_redis else f"redis {storage}"
-                    reports.append(run_redis(redis_url, scenario, load, redis_label, delete_keys=not own_redis))
-            rounds.append(reports)
+        if arguments.cluster is not None:
+            print(f"starting 3 NATS servers and {_cluster_label(arguments)}", flush=True)
+            cluster = servers.enter_context(
+                spawned_cluster(
+                    arguments.cluster,
+                    shards=arguments.shards or DEFAULT_SHARDS,
+                    lease_seconds=arguments.lease_seconds,
+                )
+            )
+            for round_number in range(arguments.repeat):
+                if round_number:
+                    scenario, _ = _scenario(arguments, buyers, secrets.token_hex(3))
+                if arguments.repeat > 1:
+                    print(f"round {round_number + 1} of {arguments.repeat}", flush=True)
+                rounds.append([run_cluster(cluster, scenario, load, f"soldout {storage}", _cluster_run(arguments))])
+            print("stopping the nodes and the NATS servers", flush=True)
+        else:
+            rounds = _single_server_rounds(arguments, servers, scenario, load, buyers, storage, peers, cancel)
     return finish(arguments, settings, description, rounds)
+
+
+def _cluster_label(arguments: argparse.Namespace) -> str:
+    nodes = f"{arguments.cluster} node" + ("s" if arguments.cluster > 1 else "")
+    if arguments.split_roles:
+        return f"cluster, {nodes}, roles split"
+    return f"cluster, {nodes}"
+
+
+def _cluster_run(arguments: argparse.Namespace) -> ClusterRun:
+    return ClusterRun(kill_owner_after=arguments.kill_owner_after, split_roles=arguments.split_roles)
+
+
+def _single_server_rounds(
+    arguments: argparse.Namespace,
+    servers: contextlib.ExitStack,
+    scenario: Scenario,
+    load: Load,
+    buyers: int | None,
+    storage: str,
+    peers: list[str],
+    cancel: bool,
+) -> list[list[RunReport]]:
+    rounds: list[list[RunReport]] = []
+    soldout = servers.enter_context(_soldout_server(arguments))
+    echo = servers.enter_context(spawned_echo()) if "echo" in peers else None
+    redis_url, own_redis = servers.enter_context(_redis_server(arguments)) if "redis" in peers else (None, False)
+    for round_number in range(arguments.repeat):
+        if round_number:
+            # A fresh crowd on fresh SKUs, so no round meets another's holds.
+            scenario, opens_at = _scenario(arguments, buyers, secrets.token_hex(3))
+            load = replace(load, start_at_epoch=opens_at)
+        if arguments.repeat > 1:
+            print(f"round {round_number + 1} of {arguments.repeat}", flush=True)
+        label = f"soldout {storage}" if arguments.spawn else "soldout"
+        reports = [run_soldout(soldout, scenario, load, label, cancel_holds=cancel)]
+        for peer in peers:
+            if peer == "echo":
+                assert echo is not None
+                reports.append(run_echo(echo, scenario, load, "echo"))
+            else:
+                assert redis_url is not None
+                redis_label = "redis" if not own_redis else f"redis {storage}"
+                reports.append(run_redis(redis_url, scenario, load, redis_label, delete_keys=not own_redis))
+        rounds.append(reports)
+    return rounds
 
 
 def finish(arguments: argparse.Namespace, settings: dict[str, Any], title: str, rounds: list[list[RunReport]]) -> int:
@@ -315,8 +437,14 @@ def finish(arguments: argparse.Namespace, settings: dict[str, Any], title: str, 
     for report in rounds[-1]:
         summary = report.summary()
         print(f"{report.label}: {statuses_line(summary)}")
+        retries = retries_line(summary)
+        if retries is not None:
+            print(f"{report.label}: {retries}")
         print(f"{report.label}: {load_line(summary)}")
         print(f"{report.label}: {cpu_line(summary)}")
+        lines = [cluster_line(summary), role_cpu_line(summary), journal_line(summary), *failover_lines(summary)]
+        for line in filter(None, lines):
+            print(f"{report.label}: {line}")
         memory = rss_line(summary)
         if memory is not None and report.target == "soldout":
             print(f"{report.label}: {memory}")

@@ -23,6 +23,7 @@ schedule's time, so a server that falls behind is charged for the wait
 from __future__ import annotations
 
 import contextlib
+import heapq
 import time
 import traceback
 from collections import deque
@@ -34,6 +35,8 @@ from hdrh.histogram import HdrHistogram
 
 from bench.scenarios import CANCEL, CANCEL_OP, CONFIRM, CONFIRM_OP, RESERVE_OP, Item, Plan, Scenario, split
 from bench.targets import Answer, Encoder, redis_answer, redis_encoder, soldout_encoder, websocket_answers
+from protocol.client_core import reconnect_delay_seconds
+from protocol.limits import CLIENT_RECONNECT_ATTEMPTS, CLIENT_UNAVAILABLE_RETRIES_MAX, CLIENT_UNAVAILABLE_RETRY_SECONDS
 
 __all__ = ["CANCEL_OP", "CONFIRM_OP", "RESERVE_OP", "Answer", "Item"]
 
@@ -41,6 +44,9 @@ FOLLOW_UP_OPS = {CONFIRM: CONFIRM_OP, CANCEL: CANCEL_OP}
 OK = "ok"
 BUSY = "busy"
 SOLD_OUT = "sold_out"
+# Not decided for now (in a cluster: the shard has no owner for a moment): the same
+# request goes again, with its key, after a growing pause, a bounded number of times.
+UNAVAILABLE = "unavailable"
 # A reply the transport could not read as a reply (a Redis script error, say).
 ERROR = "error"
 
@@ -84,6 +90,14 @@ class DriverSettings:
     # Redis only: the loaded script and the run's key prefix.
     script_sha: str = ""
     redis_prefix: str = ""
+    # soldout: every gateway of a cluster (`url` is the first). Connection k of the run
+    # starts at gateway k mod their count; a connection that is lost opens again at the
+    # next one, and what it had in flight goes again with the same keys.
+    urls: tuple[str, ...] = ()
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return self.urls or (self.url,)
 
 
 @dataclass
@@ -116,6 +130,13 @@ class DriverResult:
     crowd_answered: int
     busy_retries: int
     unanswered: int = 0
+    # Requests sent again after an `unavailable` answer, and those still unavailable after
+    # the last try (their outcome unknown).
+    unavailable_retries: int = 0
+    unavailable_unresolved: int = 0
+    # Connections opened again after one was lost, and the requests they sent again.
+    reconnects: int = 0
+    resent_after_loss: int = 0
     # Crowd buyers never sent because the duration cap came first.
     unsent_buyers: int = 0
     # CPU seconds this driver process spent from the start to its last answer.
@@ -151,6 +172,10 @@ class Tally:
         self.crowd_answered = 0
         self.busy_retries = 0
         self.unanswered = 0
+        self.unavailable_retries = 0
+        self.unavailable_unresolved = 0
+        self.reconnects = 0
+        self.resent_after_loss = 0
         self.unsent_buyers = 0
         self.cpu_started_at: float | None = None
         self.cpu_seconds = 0.0
@@ -198,6 +223,10 @@ class Tally:
             crowd_answered=self.crowd_answered,
             busy_retries=self.busy_retries,
             unanswered=self.unanswered,
+            unavailable_retries=self.unavailable_retries,
+            unavailable_unresolved=self.unavailable_unresolved,
+            reconnects=self.reconnects,
+            resent_after_loss=self.resent_after_loss,
             unsent_buyers=self.unsent_buyers,
             cpu_seconds=self.cpu_seconds,
             errors=errors,
@@ -256,6 +285,13 @@ class ConnectionWork:
         tally.crowd_buyers += len(crowd)
         # Winners' confirms and cancels, and reserves answered busy, wait here: (item, ready at).
         self._follow_ups: deque[tuple[Item, float]] = deque()
+        # Requests answered `unavailable`, each waiting out its pause: (ready at, order, item).
+        self._retry_later: list[tuple[float, int, Item]] = []
+        self._retry_order = 0
+        self._unavailable_tries: dict[Item, int] = {}
+        # A request sent more than once (unavailable, or its connection lost) is timed
+        # from its first intended send, once, when its final answer comes.
+        self._first_intended: dict[Item, float] = {}
         self._interval = batch / rate if rate else None
         self._phase = phase
         self._duration_seconds = duration_seconds
@@ -289,7 +325,7 @@ class ConnectionWork:
 
     @property
     def finished(self) -> bool:
-        return not self._crowd and not self._follow_ups and self.inflight == 0
+        return not self._crowd and not self._follow_ups and not self._retry_later and self.inflight == 0
 
     def _room_for(self, count: int) -> bool:
         # A batch larger than the window still goes when nothing else is in flight.
@@ -297,6 +333,10 @@ class ConnectionWork:
 
     def take(self, now: float) -> Batch | None:
         """The batch to send now, or None (wait for an answer or for `wake_at`)."""
+        retry_later = self._retry_later
+        while retry_later and retry_later[0][0] <= now:
+            ready_at, _, item = heapq.heappop(retry_later)
+            self._follow_ups.append((item, ready_at))
         if self._follow_ups:
             count = min(self.batch, len(self._follow_ups))
             if not self._room_for(count):
@@ -341,8 +381,18 @@ class ConnectionWork:
         return batch
 
     def wake_at(self) -> float | None:
-        """When the schedule lets the next crowd batch go; None when only an answer can help."""
-        if self._follow_ups or not self._crowd or self._interval is None:
+        """When the schedule lets the next crowd batch, or an `unavailable` retry, go; None
+        when only an answer can help."""
+        if self._follow_ups:
+            return None
+        retry_at = self._retry_later[0][0] if self._retry_later else None
+        crowd_at = self._crowd_wake_at()
+        if retry_at is None or crowd_at is None:
+            return crowd_at if retry_at is None else retry_at
+        return min(retry_at, crowd_at)
+
+    def _crowd_wake_at(self) -> float | None:
+        if not self._crowd or self._interval is None:
             return None
         if not self._room_for(len(self._crowd[0].items)):
             return None
@@ -351,16 +401,39 @@ class ConnectionWork:
             return min(intended, self.deadline)
         return intended
 
+    def _retry_unavailable(self, item: Item, intended_at: float, now: float) -> bool:
+        """Queue `item` to go again after its pause; False once it has had every try."""
+        tries = self._unavailable_tries.get(item, 0) + 1
+        if tries > CLIENT_UNAVAILABLE_RETRIES_MAX:
+            return False
+        self._unavailable_tries[item] = tries
+        self._first_intended.setdefault(item, intended_at)
+        self._retry_order += 1
+        heapq.heappush(self._retry_later, (now + CLIENT_UNAVAILABLE_RETRY_SECONDS * tries, self._retry_order, item))
+        return True
+
+    def connection_lost(self, batches: Sequence[Batch], now: float) -> None:
+        """The connection went with these batches unanswered: their requests go first on
+        the next one, with the same keys (a decided reserve's retry returns its hold)."""
+        again: list[tuple[Item, float]] = []
+        for batch in sorted(batches, key=lambda batch: batch.first_id):
+            self.inflight -= len(batch.items)
+            self.tally.resent_after_loss += len(batch.items)
+            for item in batch.items:
+                self._first_intended.setdefault(item, batch.intended_at)
+                again.append((item, now))
+        self._follow_ups.extendleft(reversed(again))
+
     def answered(self, batch: Batch, answers: Sequence[Answer], now: float) -> None:
         """Book the answers to `batch` (in request order), received at `now`."""
         items = batch.items
         assert len(answers) == len(items), f"{len(answers)} answers for a batch of {len(items)}"
         self.inflight -= len(items)
         tally = self.tally
-        latency = int((now - batch.intended_at) * 1_000_000)
-        latency = min(max(latency, LATENCY_LOWEST_MICROSECONDS), LATENCY_HIGHEST_MICROSECONDS)
-        tally.histogram.record_value(latency, len(items))
         bucket = tally.bucket(now)
+        first_intended = self._first_intended
+        # Timed in one go: every request of the batch sent for the first time and decided.
+        timed_together = len(items)
         statuses = tally.statuses
         actions = self.actions
         follow_ups = self._follow_ups
@@ -375,11 +448,23 @@ class ConnectionWork:
             op = item[0]
             counts = statuses[op]
             counts[status] = counts.get(status, 0) + 1
+            again = item in first_intended
+            if again:
+                timed_together -= 1
             if status == BUSY:
                 # Not decided: the same request (same idempotency key) goes again.
                 follow_ups.append((item, now))
                 tally.busy_retries += 1
                 continue
+            if status == UNAVAILABLE:
+                if self._retry_unavailable(item, batch.intended_at, now):
+                    timed_together -= not again
+                    tally.unavailable_retries += 1
+                    continue
+                tally.unavailable_unresolved += 1
+            if again:
+                _record_latency(tally, now - first_intended.pop(item))
+                self._unavailable_tries.pop(item, None)
             answered += 1
             if op == RESERVE_OP:
                 crowd_answered += 1
@@ -406,6 +491,8 @@ class ConnectionWork:
                 else:
                     tally.cancelled[sku] = tally.cancelled.get(sku, 0) + 1
                     held -= 1
+        if timed_together:
+            _record_latency(tally, now - batch.intended_at, timed_together)
         tally.answered += answered
         tally.won += won
         tally.answered_per_bucket[bucket] += answered
@@ -425,14 +512,21 @@ class ConnectionWork:
 
     def abandon(self) -> int:
         """Give up on everything not answered; returns how many requests that was."""
-        lost = self.inflight + len(self._follow_ups)
+        lost = self.inflight + len(self._follow_ups) + len(self._retry_later)
         self.tally.unsent_buyers += self._crowd_left()
         self.tally.unanswered += lost
         self._crowd.clear()
         self._unpacked_next = len(self._unpacked)
         self._follow_ups.clear()
+        self._retry_later.clear()
         self.inflight = 0
         return lost
+
+
+def _record_latency(tally: Tally, seconds: float, count: int = 1) -> None:
+    latency = int(seconds * 1_000_000)
+    latency = min(max(latency, LATENCY_LOWEST_MICROSECONDS), LATENCY_HIGHEST_MICROSECONDS)
+    tally.histogram.record_value(latency, count)
 
 
 def crowd_items(plan: Plan, buyers: range) -> list[Item]:
@@ -498,40 +592,79 @@ async def drive_websockets(settings: DriverSettings, plan: Plan, tally: Tally, s
         for number, share in enumerate(connection_shares(settings, plan))
     ]
     errors: list[str] = []
+    go = trio.Event()
     async with trio.open_nursery() as connections:
-        websockets = []
-        for _ in works:
-            websockets.append(
-                await connections.start(_open_websocket, settings.url, headers)  # type: ignore[arg-type]
-            )
+        for number, work in enumerate(works):
+            first = (settings.connection_offset + number) % len(settings.gateways)
+            await connections.start(_keep_driving, settings.gateways, first, headers, work, go, errors)
         start_at = await trio.to_thread.run_sync(started)
         for work in works:
             work.begin(start_at)
         await trio.sleep(max(0.0, start_at - time.monotonic()))
         tally.cpu_started_at = time.process_time()
-        async with trio.open_nursery() as driving:
-            for work, (websocket, _) in zip(works, websockets, strict=True):
-                driving.start_soon(_drive_one_websocket, websocket, work, errors)
-        for _, close in websockets:
-            close.set()
+        go.set()
     return errors
 
 
-async def _open_websocket(url: str, headers: list, *, task_status: Any) -> None:
-    """Hold one websocket open until told to close; hands (websocket, close event) back."""
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import trio
+    from trio_websocket import ConnectionClosed, HandshakeError
+
+    return (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError)
+
+
+async def _keep_driving(
+    urls: Sequence[str],
+    first: int,
+    headers: list,
+    work: ConnectionWork,
+    go: Any,
+    errors: list[str],
+    *,
+    task_status: Any,
+) -> None:
+    """One connection of the crowd, from its first gateway on: when it is lost (its
+    gateway died), what it had in flight goes again through the next gateway, with the
+    same keys, after the clients' own reconnect pause, a bounded number of times."""
     import trio
     from trio_websocket import open_websocket_url
 
-    close = trio.Event()
-    async with open_websocket_url(url, extra_headers=headers, max_message_size=FRAME_BYTES_MAX) as websocket:
-        task_status.started((websocket, close))
-        await close.wait()
+    lost = _connection_errors()
+    at = first
+    failures = 0
+    ready = False
+    while True:
+        url = urls[at % len(urls)]
+        outstanding: dict[int, Batch] = {}
+        try:
+            async with open_websocket_url(url, extra_headers=headers, max_message_size=FRAME_BYTES_MAX) as websocket:
+                if not ready:
+                    ready = True
+                    task_status.started()
+                    await go.wait()
+                failures = 0
+                await _drive_one_websocket(websocket, work, errors, outstanding)
+                return
+        except* lost as group:
+            if not ready:
+                raise
+            error = group.exceptions[0]
+        work.connection_lost(list(outstanding.values()), time.monotonic())
+        failures += 1
+        if failures > CLIENT_RECONNECT_ATTEMPTS:
+            lost_count = work.abandon()
+            errors.append(f"{lost_count} requests abandoned: no gateway answered in {failures - 1} tries ({error!r})")
+            return
+        work.tally.reconnects += 1
+        at += 1
+        await trio.sleep(reconnect_delay_seconds(failures))
 
 
-async def _drive_one_websocket(websocket: Any, work: ConnectionWork, errors: list[str]) -> None:
+async def _drive_one_websocket(
+    websocket: Any, work: ConnectionWork, errors: list[str], outstanding: dict[int, Batch]
+) -> None:
     import trio
 
-    outstanding: dict[int, Batch] = {}
     changed = [trio.Event()]
 
     async def send(receiving: trio.CancelScope) -> None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.driver import PROGRESS_FIELDS, DriverResult, DriverSettings, process_main
 from bench.scenarios import Scenario, split, split_weighted
@@ -183,27 +183,74 @@ def spawned_echo() -> Iterator[Server]:
             yield Server(url, None, None, pid)
 
 
+class ServerProcess:
+    """A server process the bench starts and stops by its pid: ready once it prints
+    `ready_prefix URL`; stopped with SIGTERM, or killed on purpose (a crash the bench
+    causes, which then is no error)."""
+
+    def __init__(self, name: str, command: list[str], ready_prefix: str, directory: Path) -> None:
+        self.name = name
+        self.command = command
+        self.ready_prefix = ready_prefix
+        self.log_path = directory / f"{_file_name(name)}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.killed = False
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> str:
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), environment.get("PYTHONPATH")]))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=PROJECT_ROOT,
+                env=environment,
+            )
+        try:
+            self.url = _wait_until_serving(self.name, self.process, self.ready_prefix, self.log_path)
+        except BaseException:
+            self.kill()
+            raise
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush, as a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=SERVER_STOP_SECONDS_MAX)
+        self.killed = True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.name, self.process, self.log_path, killed=self.killed)
+
+
+def _file_name(name: str) -> str:
+    return "".join(character if character.isalnum() else "-" for character in name).strip("-") or "server"
+
+
 @contextlib.contextmanager
 def spawned_process(name: str, command: list[str], ready_prefix: str, directory: Path) -> Iterator[tuple[str, int]]:
     """Start `command`, wait for the line `ready_prefix URL` on its stdout; yields (URL, pid).
     Stopped with SIGTERM after; one that does not stop, or exits non-zero, is an error."""
-    log_path = directory / "server.log"
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), environment.get("PYTHONPATH")]))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            cwd=PROJECT_ROOT,
-            env=environment,
-        )
-        try:
-            url = _wait_until_serving(name, process, ready_prefix, log_path)
-            yield url, process.pid
-        finally:
-            _stop(name, process, log_path)
+    server = ServerProcess(name, command, ready_prefix, directory)
+    url = server.start()
+    try:
+        yield url, server.pid
+    finally:
+        server.stop()
 
 
 def _wait_until_serving(name: str, process: subprocess.Popen[bytes], ready_prefix: str, log_path: Path) -> str:
@@ -211,8 +258,11 @@ def _wait_until_serving(name: str, process: subprocess.Popen[bytes], ready_prefi
 
     def read() -> None:
         assert process.stdout is not None
-        for raw in process.stdout:
-            lines.put(raw.decode(errors="replace").strip())
+        # Read to the end, so the server never blocks on a full pipe; the pipe is closed
+        # when the server is stopped, which may end this read.
+        with contextlib.suppress(ValueError, OSError):
+            for raw in process.stdout:
+                lines.put(raw.decode(errors="replace").strip())
         lines.put(None)
 
     threading.Thread(target=read, name="soldout-bench-server-stdout", daemon=True).start()
@@ -229,7 +279,7 @@ def _wait_until_serving(name: str, process: subprocess.Popen[bytes], ready_prefi
             return line.removeprefix(ready_prefix).strip()
 
 
-def _stop(name: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+def _stop(name: str, process: subprocess.Popen[bytes], log_path: Path, *, killed: bool = False) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -240,6 +290,8 @@ def _stop(name: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
             raise BenchError(f"{name} did not stop on SIGTERM:\n{_tail(log_path)}") from None
     if process.stdout is not None:
         process.stdout.close()
+    if killed and process.returncode == -signal.SIGKILL:
+        return
     if process.returncode not in (0, -signal.SIGTERM):
         raise BenchError(f"{name} exited with status {process.returncode}:\n{_tail(log_path)}")
 
@@ -293,11 +345,25 @@ class Load:
         ]
 
 
+class Meter(Protocol):
+    """What is read from the start to the last result (a Usage, or the CPU of a cluster's roles)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 def run_drivers(
-    load: Load, settings: Sequence[DriverSettings], label: str, total_stock: int, usage: Usage | None = None
+    load: Load,
+    settings: Sequence[DriverSettings],
+    label: str,
+    total_stock: int,
+    usage: Meter | None = None,
+    *,
+    started: Callable[[], None] | None = None,
 ) -> list[DriverResult]:
     """Start the driver processes, start them together, show progress, collect their results;
-    `usage` is read from the start to the last result."""
+    `usage` is read from the start to the last result; `started` is called at the start."""
     context = multiprocessing.get_context("spawn")
     progress = context.RawArray("q", len(settings) * len(PROGRESS_FIELDS))
     messages = context.Queue()
@@ -333,6 +399,8 @@ def run_drivers(
         go.set()
         if usage is not None:
             usage.start()
+        if started is not None:
+            started()
         with _progress_line(load.show_progress, label, progress, len(processes), total_stock) as refresh:
             while len(results) < len(processes):
                 try:

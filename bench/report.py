@@ -81,10 +81,16 @@ class Merged:
     busy_retries: int
     client_cpu_seconds: float
     errors: list[str]
+    # Requests sent again after an `unavailable` answer; connections opened again after a
+    # gateway was lost, and the requests they sent again.
+    unavailable_retries: int = 0
+    reconnects: int = 0
+    resent_after_loss: int = 0
 
     @property
     def answered(self) -> int:
-        return sum(sum(counts.values()) for counts in self.statuses.values()) - self.busy_retries
+        statuses = sum(sum(counts.values()) for counts in self.statuses.values())
+        return statuses - self.busy_retries - self.unavailable_retries
 
     @property
     def elapsed_seconds(self) -> float | None:
@@ -133,6 +139,7 @@ def merge(results: Sequence[DriverResult]) -> Merged:
         crowd_answered=sum(result.crowd_answered for result in results),
         unsent_buyers=sum(result.unsent_buyers for result in results),
         unanswered=sum(result.unanswered for result in results),
+        unavailable_unresolved=sum(result.unavailable_unresolved for result in results),
     )
     return Merged(
         statuses={op: counts for op, counts in statuses.items() if counts},
@@ -151,6 +158,9 @@ def merge(results: Sequence[DriverResult]) -> Merged:
         busy_retries=sum(result.busy_retries for result in results),
         client_cpu_seconds=sum(result.cpu_seconds for result in results),
         errors=errors,
+        unavailable_retries=sum(result.unavailable_retries for result in results),
+        reconnects=sum(result.reconnects for result in results),
+        resent_after_loss=sum(result.resent_after_loss for result in results),
     )
 
 
@@ -205,6 +215,13 @@ class RunReport:
     connections: int | None = None
     batch: int | None = None
     inflight_per_connection: int | None = None
+    # The journal's commits over the run (journal_figures), from the server's stats.
+    journal: dict[str, Any] | None = None
+    # A cluster run: CPU seconds by role ("owner", "gateway", "nats"), its nodes and owners,
+    # and the kill of an owner when there was one.
+    role_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    cluster: dict[str, Any] | None = None
+    failover: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -243,6 +260,10 @@ class RunReport:
             "requests_sent": merged.sent,
             "requests_answered": merged.answered,
             "busy_retries": merged.busy_retries,
+            "unavailable_retries": merged.unavailable_retries,
+            "unavailable_unresolved": merged.observed.unavailable_unresolved,
+            "reconnects": merged.reconnects,
+            "resent_after_reconnect": merged.resent_after_loss,
             "buyers_not_sent": merged.observed.unsent_buyers,
             "server_cpu_seconds": None if self.server_cpu_seconds is None else round(self.server_cpu_seconds, 3),
             "server_cpu_microseconds_per_request": (
@@ -280,6 +301,16 @@ class RunReport:
                 "units_left": self.units_left(),
             },
             "server_rss": rss_figures(self.rss_samples_kibibytes),
+            "journal": self.journal,
+            "cpu_by_role": {
+                role: {
+                    "seconds": round(seconds, 3),
+                    "microseconds_per_reserve": round(seconds * 1e6 / reserves, 2) if reserves else None,
+                }
+                for role, seconds in self.role_cpu_seconds.items()
+            },
+            "cluster": self.cluster,
+            "failover": self.failover,
             "checks": [{"name": check.name, "passed": check.passed, "detail": check.detail} for check in self.checks],
             "errors": merged.errors,
             "notes": self.notes,
@@ -369,6 +400,115 @@ def statuses_line(summary: dict[str, Any]) -> str:
         shown = ", ".join(f"{status} {count:,}" for status, count in sorted(counts.items(), key=lambda item: -item[1]))
         parts.append(f"{op}: {shown}")
     return "; ".join(parts)
+
+
+def journal_figures(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The commits between two readings of the stats of the same servers (journal_commits,
+    journal_commit_seconds_total, journal_committed_commands): None when there were none."""
+
+    def total(readings: Sequence[dict[str, Any]], name: str) -> float:
+        return float(sum(reading.get(name, 0) for reading in readings))
+
+    commits = total(after, "journal_commits") - total(before, "journal_commits")
+    if commits <= 0:
+        return None
+    seconds = total(after, "journal_commit_seconds_total") - total(before, "journal_commit_seconds_total")
+    commands = total(after, "journal_committed_commands") - total(before, "journal_committed_commands")
+    return {
+        "commits": int(commits),
+        "commit_seconds": round(seconds, 4),
+        "mean_commit_ms": round(seconds * 1000 / commits, 3),
+        "commands_per_commit": round(commands / commits, 1),
+    }
+
+
+def journal_line(summary: dict[str, Any]) -> str | None:
+    figures = summary["journal"]
+    if figures is None:
+        return None
+    kind = f" ({figures['kind']})" if figures.get("kind") else ""
+    return (
+        f"journal{kind}: {figures['commits']:,} commits, mean {figures['mean_commit_ms']:,.2f} ms per commit, "
+        f"{figures['commands_per_commit']:,.1f} commands per commit"
+    )
+
+
+ROLE_NAMES = {
+    "node": "nodes (gateway + owner)",
+    "gateway": "gateway side (the crowd's nodes)",
+    "owner": "owner side (the hot shard's node)",
+    "nats": "nats-server processes",
+}
+
+
+def role_cpu_line(summary: dict[str, Any]) -> str | None:
+    """Each role's CPU seconds and CPU per reserve; an owner that also takes the crowd is
+    named for both."""
+    roles = summary["cpu_by_role"]
+    if not roles:
+        return None
+    names = ROLE_NAMES
+    parts = []
+    for role, figures in roles.items():
+        per = figures["microseconds_per_reserve"]
+        shown = "-" if per is None else f"{per:,.1f} us/reserve"
+        parts.append(f"{names.get(role, role)} {figures['seconds']:,.1f} s ({shown})")
+    return "CPU by role: " + ", ".join(parts)
+
+
+def cluster_line(summary: dict[str, Any]) -> str | None:
+    """The nodes of a cluster run, their roles, and which took the crowd."""
+    cluster = summary["cluster"]
+    if cluster is None:
+        return None
+    nodes = ", ".join(
+        f"{node['name']} ({node['role']}{', the crowd' if node['name'] in cluster['crowd_nodes'] else ''}) "
+        f"{node['url']}"
+        for node in cluster["nodes"]
+    )
+    shards, lease = cluster["shards"], cluster["lease_seconds"]
+    return f"3 NATS servers (JetStream, R3) and nodes {nodes}; {shards} shards, lease {lease:g} s"
+
+
+def failover_lines(summary: dict[str, Any]) -> list[str]:
+    figures = summary["failover"]
+    if figures is None:
+        return []
+
+    def owners(by_node: dict[str, list[int]] | None) -> str:
+        if by_node is None:
+            return "unknown"
+        return "; ".join(f"{node} shards {','.join(map(str, shards))}" for node, shards in by_node.items())
+
+    lines = [
+        f"killed {figures['killed_node']} (kill -9) {figures['killed_after_seconds']:g} s into the run; "
+        f"it owned shards {','.join(map(str, figures['its_shards']))} (the hot SKU's: {figures['hot_shard']})",
+        f"owners before: {owners(figures['owners_before'])}",
+        f"owners after:  {owners(figures['owners_after'])}",
+    ]
+    hot, every = figures["hot_shard_answered_after_ms"], figures["all_its_shards_answered_after_ms"]
+    if hot is not None:
+        probes = ", ".join(f"{status} {count:,}" for status, count in sorted(figures["probe_statuses"].items()))
+        lines.append(
+            f"failover: the hot SKU's shard answered again {hot:,.0f} ms after the kill, all its shards "
+            f"after {every:,.0f} ms (probe replies: {probes})"
+        )
+    if figures["error"]:
+        lines.append(f"failover probe: {figures['error']}")
+    return lines
+
+
+def retries_line(summary: dict[str, Any]) -> str | None:
+    """What the crowd sent again: after `unavailable`, and after a lost connection; None when nothing."""
+    if not (summary["unavailable_retries"] or summary["unavailable_unresolved"] or summary["reconnects"]):
+        return None
+    unavailable = summary["statuses"].get("reserve", {}).get("unavailable", 0)
+    return (
+        f"unavailable {unavailable:,} replies, {summary['unavailable_retries']:,} sent again with their keys, "
+        f"{summary['unavailable_unresolved']:,} still unavailable after the last try; "
+        f"{summary['reconnects']:,} connections opened again at another gateway, "
+        f"{summary['resent_after_reconnect']:,} requests sent again there"
+    )
 
 
 def cpu_line(summary: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from bench.checks import Check, Counts, check_echo_run, check_run
 from bench.driver import DriverSettings
 from bench.orchestrator import BenchError, Load, Server, Usage, run_drivers
-from bench.report import RunReport, merge
+from bench.report import RunReport, journal_figures, merge
 from bench.scenarios import Scenario
 
 # Checkout waits this much past the last possible expiry before reading the counts.
@@ -75,6 +75,7 @@ def _wait_for_expiry(scenario: Scenario, merged: Any) -> bool:
 class _Before:
     baseline: list[Counts | None] | None
     reserve_ok: int
+    stats: dict[str, Any]
 
 
 def _counts(replies: Sequence[Any]) -> list[Counts | None]:
@@ -94,8 +95,8 @@ def run_soldout(server: Server, scenario: Scenario, load: Load, label: str, *, c
         if not scenario.existing_sku:
             await put_skus(client, scenario)
         baseline = _counts(await stock_counts(client, scenario)) if scenario.existing_sku else None
-        _, reserve_ok = await reserve_ok_count(client)
-        return _Before(baseline, reserve_ok)
+        stats, reserve_ok = await reserve_ok_count(client)
+        return _Before(baseline, reserve_ok, stats)
 
     admin = server.admin_token
     start = admin_call(trio.run, soldout_admin, server.url, admin, before)
@@ -125,6 +126,9 @@ def run_soldout(server: Server, scenario: Scenario, load: Load, label: str, *, c
         reserve_statuses=merged.statuses.get("reserve", {}),
     )
     report = _report(label, "soldout", scenario, merged, checks, load)
+    report.journal = journal_figures([start.stats], [stats])
+    if report.journal is not None:
+        report.journal["kind"] = "local file journal, fsync"
     report.server_cpu_seconds = usage.server_cpu_seconds
     report.machine_cpu_seconds = usage.machine_cpu_seconds
     report.rss_samples_kibibytes = usage.rss_samples_kibibytes

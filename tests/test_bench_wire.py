@@ -163,4 +163,4 @@ def test_a_crowd_answered_anything_but_ok_sold_out_or_busy_fails() -> None:
     good = {"ok": 10, "sold_out": 10, "busy": 3}
     assert failures(check_run(scenario, [20], observed, counts, reserve_statuses=good)) == []
     problems = failures(check_run(scenario, [20], observed, counts, reserve_statuses={"ok": 10, "invalid": 10}))
-    assert problems == ["reserves answered only ok, sold_out or busy: {'invalid': 10}"]
+    assert problems == ["reserves answered only ok, sold_out, busy or unavailable: {'invalid': 10}"]
