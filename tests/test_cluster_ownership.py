@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable
 import msgpack
 import pytest
 import trio
+import trio.testing
 from nats_cluster import NatsCluster
 
 from engine.cluster.leases import fair_shares
-from engine.cluster.nats import Nats, open_nats
+from engine.cluster.nats import KeyExists, Nats, WrongRevision, open_nats
 from engine.cluster.ownership import LeaseKeeper
 
 REPLICAS = 3
@@ -196,4 +197,77 @@ async def test_only_the_current_owner_can_name_a_snapshot_in_the_lease(nats: Nat
         entry = await bucket.get("shard.2")
         assert entry is not None
         assert msgpack.unpackb(entry[0]) == ["", epoch, 41]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_gateway_only_node_is_live_but_owns_no_share_so_every_shard_has_an_owner(nats: Nats) -> None:
+    bucket = await nats.key_value(f"owners{next(_buckets)}", replicas=REPLICAS)
+    serving = Serving()
+    owner = LeaseKeeper(bucket, "node-a", SHARDS, LEASE_SECONDS, **serving.callbacks("node-a"))
+    gateway = LeaseKeeper(
+        bucket, "gateway-g", SHARDS, LEASE_SECONDS, owns_shards=False, **serving.callbacks("gateway-g")
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run)
+        await nursery.start(owner.run)
+        await settled(serving, ["node-a"])
+        # Well past the rounds that would hand shards off to a share counted for the gateway.
+        await trio.sleep(LEASE_SECONDS * 2)
+        assert sorted(serving.shards["node-a"]) == list(range(SHARDS))
+        assert not serving.shards["gateway-g"]
+        assert owner.live_nodes == ["gateway-g", "node-a"]  # the cluster view lists it
+        assert all(gateway.owners[shard] == "node-a" for shard in range(SHARDS))
+        nursery.cancel_scope.cancel()
+
+
+class HangingBucket:
+    """An in-memory bucket with the adapter's semantics whose writes can be made to hang
+    (a NATS server that stops answering without closing the connection)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[bytes, int]] = {}
+        self.revision = 0
+        self.hang = False
+
+    async def _write(self, key: str, value: bytes) -> int:
+        if self.hang:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        self.revision += 1
+        self.entries[key] = (value, self.revision)
+        return self.revision
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self.entries:
+            raise KeyExists(key)
+        return await self._write(key, value)
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        if key not in self.entries or self.entries[key][1] != last_revision:
+            raise WrongRevision(key)
+        return await self._write(key, value)
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        await trio.lowlevel.checkpoint()
+        return self.entries.get(key)
+
+    async def keys(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        return list(self.entries)
+
+
+async def test_a_renewal_that_hangs_still_steps_the_node_down_within_two_thirds_of_a_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bucket = HangingBucket()
+    serving = Serving()
+    keeper = LeaseKeeper(bucket, "node-a", SHARDS, LEASE_SECONDS, **serving.callbacks("node-a"))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        await settled(serving, ["node-a"])
+        bucket.hang = True
+        hung_at = trio.current_time()
+        await serving.until(lambda: not serving.shards["node-a"])
+        # Served no longer than 2/3 of a lease past the last renewal sent, which was before the hang.
+        assert trio.current_time() - hung_at <= LEASE_SECONDS * 2 / 3 + 1e-9
         nursery.cancel_scope.cancel()

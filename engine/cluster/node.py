@@ -254,7 +254,7 @@ class ClusterNode:
     async def _hand_back_on_failure(self, actor: ClusterShard) -> None:
         await actor.failed.wait()
         if self.keeper is not None and actor.index in self.keeper.held:
-            await self.keeper.hand_off(actor.index)
+            await self.keeper.hand_off_or_let_lapse(actor.index)
 
 
 @asynccontextmanager

@@ -41,6 +41,10 @@ log = logging.getLogger("soldout.cluster")
 
 OWNERS_BUCKET = "soldout_owners"
 RELEASED = ""  # the owner of a lease handed off
+# A heartbeat says whether its node takes shards: a gateway-only node is live (the
+# cluster view lists it) but no share of the shards is planned for it.
+OWNING_HEARTBEAT = b"owner"
+GATEWAY_HEARTBEAT = b"gateway"
 
 
 def shard_key(shard: int) -> str:
@@ -104,93 +108,140 @@ class LeaseKeeper:
         self._seen: dict[str, _Seen] = {}
         self._heartbeat_revision: int | None = None
         self._renewed_at = -math.inf
-        # Writes to this node's leases take turns: each is a compare-and-set on the last revision.
-        self._writing = trio.Lock()
+        # Writes to one lease take turns: each is a compare-and-set on the last revision.
+        self._writing: dict[int, trio.Lock] = {}
         self._takeovers: trio.Nursery | None = None
         self.acquiring: set[int] = set()  # shards whose takeover task is running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        async with trio.open_nursery() as takeovers:
-            self._takeovers = takeovers
+        """Renew, watch and rebalance until cancelled; started once it has looked at the bucket.
+
+        Renewing runs on its own, every `lease_seconds / 3`, beside the rounds that take
+        and hand off shards, and a watchdog steps down the moment the last renewal is two
+        thirds of a lease old, even while a call to NATS hangs: a slow round, a slow
+        takeover or a NATS server that stops answering can never keep a node serving a
+        shard past the point where another node may take it over.
+        """
+        async with trio.open_nursery() as nursery:
+            self._takeovers = nursery
+            await nursery.start(self._keep_renewing)
+            nursery.start_soon(self._step_down_when_stale)
+            started = False
             while True:
                 try:
-                    await self.round()
-                except NatsError as error:
-                    log.warning("node %s: ownership round failed (%s); retrying", self.node, error)
-                await self._step_down_if_stale()
+                    await self.rebalance()
+                except* NatsError as failure:
+                    log.warning("node %s: ownership round failed (%s); retrying", self.node, _first(failure))
                 if not started:
                     task_status.started()
                     started = True
                 await trio.sleep(self.lease_seconds / 3)
 
-    async def round(self) -> None:
-        """Heartbeat, renew, look, then take and hand off as the plan says."""
-        await self._heartbeat()
-        await self._renew()
-        leases, live = await self._look()
+    async def _keep_renewing(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._renew)
+            except* NatsError as failure:
+                log.warning("node %s: renewing failed (%s); retrying", self.node, _first(failure))
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.lease_seconds / 3)
+
+    async def rebalance(self) -> None:
+        """Look at the bucket, then take and hand off shards as the plan says (all at once)."""
+        leases, owning = await self._look()
         if not self.owns_shards:
             return
-        step = plan(self.node, self.shards, leases, live)
-        for shard in step.take:
-            await self._take(shard)
-        for shard in step.hand_off:
-            if shard not in self.acquiring:  # handed off once it serves, if the plan still says so
-                await self.hand_off(shard)
+        step = plan(self.node, self.shards, leases, owning)
+        async with trio.open_nursery() as nursery:
+            for shard in step.take:
+                nursery.start_soon(self._take, shard)
+            for shard in step.hand_off:
+                if shard not in self.acquiring:  # handed off once it serves, if the plan still says so
+                    nursery.start_soon(self.hand_off, shard)
 
     async def stop(self) -> None:
-        """Hand every shard off cleanly (a node leaving on purpose)."""
-        for shard in sorted(self.held):
+        """Hand every shard off cleanly (a node leaving on purpose); a lease that cannot be
+        written back lapses instead, and is taken over after `lease_seconds`."""
+        async with trio.open_nursery() as nursery:
+            for shard in sorted(self.held):
+                nursery.start_soon(self.hand_off_or_let_lapse, shard)
+
+    async def hand_off_or_let_lapse(self, shard: int) -> None:
+        try:
             await self.hand_off(shard)
+        except NatsError as error:
+            log.warning("node %s: handing shard %d off failed (%s); its lease lapses", self.node, shard, error)
 
     # ---------------------------------------------------------------- the steps
 
     async def _heartbeat(self) -> None:
         key = node_key(self.node)
+        value = OWNING_HEARTBEAT if self.owns_shards else GATEWAY_HEARTBEAT
         if self._heartbeat_revision is not None:
             try:
-                self._heartbeat_revision = await self.bucket.update(key, b"", self._heartbeat_revision)
+                self._heartbeat_revision = await self.bucket.update(key, value, self._heartbeat_revision)
                 return
             except WrongRevision:
                 pass
         current = await self.bucket.get(key)
         if current is None:
             try:
-                self._heartbeat_revision = await self.bucket.create(key, b"")
+                self._heartbeat_revision = await self.bucket.create(key, value)
                 return
             except KeyExists:
                 current = await self.bucket.get(key)
         assert current is not None
-        self._heartbeat_revision = await self.bucket.update(key, b"", current[1])
+        self._heartbeat_revision = await self.bucket.update(key, value, current[1])
 
     async def _renew(self) -> None:
-        renewed_all = True
-        for shard, held in sorted(self.held.items()):
+        """Renew every held lease at once (one round trip, however many shards).
+
+        The leases count as renewed from when the writes were sent, not from when they
+        were acknowledged: another node measures a lease from when it first sees the
+        write, which is never earlier, so stepping down by that clock is always in time."""
+        sent_at = trio.current_time()
+        lost: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for shard, held in sorted(self.held.items()):
+                nursery.start_soon(self._renew_one, shard, held, lost)
+        for shard in lost:
+            # Someone else wrote the lease: it is not ours any more. Stop at once (unless
+            # the shard was handed back meanwhile, its commit having failed).
+            log.warning("node %s: lost the lease of shard %d", self.node, shard)
+            if self.held.pop(shard, None) is not None:
+                await self._release(shard)
+        if not lost:
+            self._renewed_at = sent_at
+
+    async def _renew_one(self, shard: int, held: _Held, lost: list[int]) -> None:
+        async with self._writing_of(shard):
+            if self.held.get(shard) is not held:
+                return  # handed off meanwhile
             try:
-                async with self._writing:
-                    if self.held.get(shard) is not held:
-                        continue  # handed off meanwhile
-                    held.revision = await self.bucket.update(
-                        shard_key(shard), _encode(LeaseValue(self.node, held.epoch, held.snapshot)), held.revision
-                    )
+                held.revision = await self.bucket.update(
+                    shard_key(shard), _encode(LeaseValue(self.node, held.epoch, held.snapshot)), held.revision
+                )
             except WrongRevision:
-                # Someone else wrote the lease: it is not ours any more. Stop at once (unless
-                # the shard was handed back meanwhile, its commit having failed).
-                renewed_all = False
-                log.warning("node %s: lost the lease of shard %d (epoch %d)", self.node, shard, held.epoch)
-                if self.held.pop(shard, None) is not None:
-                    await self._release(shard)
-        if renewed_all:
-            self._renewed_at = trio.current_time()
+                lost.append(shard)
 
     async def _look(self) -> tuple[dict[int, Lease | None], list[str]]:
         now = trio.current_time()
         keys = await self.bucket.keys()
         values: dict[str, tuple[bytes, int]] = {}
-        for key in keys:
+
+        async def get(key: str) -> None:
             entry = await self.bucket.get(key)
             if entry is not None:
                 values[key] = entry
+
+        async with trio.open_nursery() as nursery:  # one round trip for every key
+            for key in keys:
+                nursery.start_soon(get, key)
         for key, (_, revision) in values.items():
             seen = self._seen.get(key)
             if seen is None or seen.revision != revision:
@@ -200,9 +251,14 @@ class LeaseKeeper:
             seen = self._seen.get(key)
             return seen is not None and now - seen.changed_at < self.lease_seconds
 
-        live = sorted(
-            {key.removeprefix("node.") for key in values if key.startswith("node.") and fresh(key)} | {self.node}
-        )
+        heartbeats = {key.removeprefix("node."): value for key, (value, _) in values.items() if key.startswith("node.")}
+        live = sorted({node for node in heartbeats if fresh(node_key(node))} | {self.node})
+        # This node by what it is; the others by what their heartbeats say.
+        owning = [
+            node
+            for node in live
+            if (self.owns_shards if node == self.node else heartbeats.get(node) != GATEWAY_HEARTBEAT)
+        ]
         leases: dict[int, Lease | None] = {}
         for shard in range(self.shards):
             key = shard_key(shard)
@@ -215,7 +271,7 @@ class LeaseKeeper:
                 leases[shard] = None
         self.live_nodes = live
         self.owners = {shard: lease.node if lease else None for shard, lease in leases.items()}
-        return leases, live
+        return leases, owning
 
     async def _take(self, shard: int) -> None:
         key = shard_key(shard)
@@ -257,15 +313,15 @@ class LeaseKeeper:
                 await self._release(shard)
             return
         if not serving:
-            try:
-                await self.hand_off(shard)
-            except NatsError as error:
-                log.warning("node %s: handing shard %d back failed (%s); its lease lapses", self.node, shard, error)
+            await self.hand_off_or_let_lapse(shard)
+
+    def _writing_of(self, shard: int) -> trio.Lock:
+        return self._writing.setdefault(shard, trio.Lock())
 
     async def record_snapshot(self, shard: int, sequence: int) -> bool:
         """Name the snapshot covering `sequence` in the shard's lease; False when the lease
         is not this node's any more (then nothing may be purged on its account)."""
-        async with self._writing:
+        async with self._writing_of(shard):
             held = self.held.get(shard)
             if held is None:
                 return False
@@ -284,7 +340,7 @@ class LeaseKeeper:
         if held is None:
             return
         await self._release(shard)
-        async with self._writing:
+        async with self._writing_of(shard):
             try:
                 await self.bucket.update(
                     shard_key(shard), _encode(LeaseValue(RELEASED, held.epoch, held.snapshot)), held.revision
@@ -293,13 +349,26 @@ class LeaseKeeper:
             except WrongRevision:
                 pass  # already taken over
 
-    async def _step_down_if_stale(self) -> None:
+    async def _step_down_when_stale(self) -> None:
         """Not renewed for two thirds of the lease: stop serving before anyone may take over."""
-        if self.held and trio.current_time() - self._renewed_at > self.lease_seconds * 2 / 3:
-            log.error("node %s: leases not renewed in time; stepping down from %s", self.node, sorted(self.held))
-            for shard in list(self.held):
-                if self.held.pop(shard, None) is not None:
-                    await self._release(shard)
+        while True:
+            deadline = self._renewed_at + self.lease_seconds * 2 / 3
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            if self.held:
+                log.error("node %s: leases not renewed in time; stepping down from %s", self.node, sorted(self.held))
+                for shard in list(self.held):
+                    if self.held.pop(shard, None) is not None:
+                        await self._release(shard)
+            await trio.sleep(self.lease_seconds / 6)
+
+
+def _first(failure: BaseExceptionGroup) -> BaseException:
+    """The first NATS error of a group, to log in one line."""
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure
 
 
 def _encode(value: LeaseValue) -> bytes:
