@@ -35,8 +35,8 @@ from hdrh.histogram import HdrHistogram
 
 from bench.scenarios import CANCEL, CANCEL_OP, CONFIRM, CONFIRM_OP, RESERVE_OP, Item, Plan, Scenario, split
 from bench.targets import Answer, Encoder, redis_answer, redis_encoder, soldout_encoder, websocket_answers
-from protocol.client_core import reconnect_delay_seconds
-from protocol.limits import CLIENT_RECONNECT_ATTEMPTS, CLIENT_UNAVAILABLE_RETRIES_MAX, CLIENT_UNAVAILABLE_RETRY_SECONDS
+from protocol.client_core import reconnect_delay_seconds, unavailable_retry_pause_seconds
+from protocol.limits import CLIENT_RECONNECT_ATTEMPTS, CLIENT_UNAVAILABLE_RETRIES_MAX
 
 __all__ = ["CANCEL_OP", "CONFIRM_OP", "RESERVE_OP", "Answer", "Item"]
 
@@ -409,7 +409,7 @@ class ConnectionWork:
         self._unavailable_tries[item] = tries
         self._first_intended.setdefault(item, intended_at)
         self._retry_order += 1
-        heapq.heappush(self._retry_later, (now + CLIENT_UNAVAILABLE_RETRY_SECONDS * tries, self._retry_order, item))
+        heapq.heappush(self._retry_later, (now + unavailable_retry_pause_seconds(tries), self._retry_order, item))
         return True
 
     def connection_lost(self, batches: Sequence[Batch], now: float) -> None:

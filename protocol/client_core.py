@@ -41,6 +41,7 @@ from protocol.limits import (
     CLIENT_REPLY_FRAME_BYTES_MAX,
     CLIENT_UNAVAILABLE_RETRIES_MAX,
     CLIENT_UNAVAILABLE_RETRY_SECONDS,
+    CLIENT_UNAVAILABLE_RETRY_SECONDS_MAX,
     Limits,
 )
 from protocol.messages import (
@@ -82,6 +83,13 @@ def reconnect_delay_seconds(failures: int, delay_seconds: float = RECONNECT_DELA
     """How long to wait before connecting again after `failures` attempts in a row failed."""
     assert failures >= 1, failures
     return delay_seconds * min(failures, RECONNECT_DELAY_STEPS_MAX)
+
+
+def unavailable_retry_pause_seconds(attempt: int) -> float:
+    """The pause before the `attempt`-th resend of a reserve answered `unavailable`:
+    doubling from the first, up to the last (every client and the bench use it)."""
+    assert attempt >= 1
+    return min(CLIENT_UNAVAILABLE_RETRY_SECONDS * 2 ** (attempt - 1), CLIENT_UNAVAILABLE_RETRY_SECONDS_MAX)
 
 
 def random_key() -> str:
@@ -368,7 +376,7 @@ class ClientOperations:
             if reply.status != UNAVAILABLE:
                 break
             self.unavailable_retries += 1
-            await self._pause(CLIENT_UNAVAILABLE_RETRY_SECONDS * attempt)
+            await self._pause(unavailable_retry_pause_seconds(attempt))
             reply = await self.call(command)  # type: ignore[assignment]
         return reply
 

@@ -99,10 +99,11 @@ CLIENT_RECONNECT_ATTEMPTS: Final = 20
 CLIENT_RECONNECT_DELAY_SECONDS: Final = 0.05
 CLIENT_RECONNECT_DELAY_STEPS_MAX: Final = 20
 # A reserve answered `unavailable` is sent again with its key up to this many times, the
-# pause growing by this much a try (0.1 s, 0.2 s, ... 1 s: about 5.5 s in all, longer
-# than a cluster's failover with its default lease).
+# pause doubling from the first to the last (0.1 s, 0.2 s, 0.4 s, ... 2 s: about 13 s in
+# all, well past a cluster's failover with its default 3 s lease, a loaded one included).
 CLIENT_UNAVAILABLE_RETRIES_MAX: Final = 10
 CLIENT_UNAVAILABLE_RETRY_SECONDS: Final = 0.1
+CLIENT_UNAVAILABLE_RETRY_SECONDS_MAX: Final = 2.0
 # How long a client waits for the server's answer to its close frame.
 CLIENT_CLOSE_SECONDS_MAX: Final = 2.0
 # The admin CLI's register requests in flight at once while it streams a large buyer file.

@@ -19,8 +19,17 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from protocol.client_core import Answered, ClientCore, Failed, Unreadable, reconnect_delay_seconds
+from engine.server.config import ClusterConfig
+from protocol.client_core import (
+    Answered,
+    ClientCore,
+    Failed,
+    Unreadable,
+    reconnect_delay_seconds,
+    unavailable_retry_pause_seconds,
+)
 from protocol.codec import LocalProtocolError
+from protocol.limits import CLIENT_UNAVAILABLE_RETRIES_MAX
 from protocol.messages import Reply, Reserve, Stock, StockReply
 
 SKU = "MI-BAND-1"
@@ -322,3 +331,10 @@ class CoreAgainstAScriptedServer(RuleBasedStateMachine):
 
 CoreAgainstAScriptedServer.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_core_against_a_scripted_server = CoreAgainstAScriptedServer.TestCase
+
+
+def test_the_pause_before_resending_an_unavailable_reserve_doubles_up_to_two_seconds() -> None:
+    pauses = [unavailable_retry_pause_seconds(attempt) for attempt in range(1, CLIENT_UNAVAILABLE_RETRIES_MAX + 1)]
+    assert pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0, 2.0])
+    # Longer in all than a failover at the default lease (3 s to notice, then a round and the takeover).
+    assert sum(pauses) > 3 * ClusterConfig.__dataclass_fields__["lease_seconds"].default
