@@ -265,6 +265,10 @@ class EngineAgainstModel(RuleBasedStateMachine):
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 
+    def sku_name(self, sku: str) -> str:
+        """The engine's name for one of SKUS (a run sharing its engine with others names its own)."""
+        return sku
+
     def pick_reservation(self, choice: int | str) -> str:
         if isinstance(choice, str):
             return choice
@@ -322,15 +326,15 @@ class EngineAgainstModel(RuleBasedStateMachine):
         arguments = {name: value for name, value in setup.items() if name not in ("opens_in", "closes_in")}
         arguments["opens_at"] = None if opens_in is None else now + opens_in
         arguments["closes_at"] = None if closes_in is None else now + closes_in
-        self._put_sku({"sku": sku, **arguments})
+        self._put_sku({"sku": self.sku_name(sku), **arguments})
 
     @rule(sku=sku_choices, buyers=st.lists(buyer_choices, max_size=3))
     def register(self, sku: str, buyers: list[str]) -> None:
-        self._register(sku, buyers)
+        self._register(self.sku_name(sku), buyers)
 
     @rule(sku=sku_choices, buyer=buyer_choices, qty=qty_choices, key=key_choices)
     def reserve(self, sku: str, buyer: str, qty: int, key: str | None) -> None:
-        self._reserve(sku, buyer, qty, key)
+        self._reserve(self.sku_name(sku), buyer, qty, key)
 
     @precondition(lambda self: any(hold.key is not None for hold in self.model.holds.values()))
     @rule(which=st.integers(0, 1000), change=st.sampled_from([None, None, "qty", "buyer"]))
@@ -350,6 +354,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
     @rule(sku=sku_choices, change=partial_settings)
     def change_some_settings(self, sku: str, change: dict[str, Any]) -> None:
         """put_sku naming a few settings: the others keep their values (a new SKU needs a stock)."""
+        sku = self.sku_name(sku)
         now = self.now()
         arguments = dict(change)
         for name, offset_name in (("opens_at", "opens_in"), ("closes_at", "closes_in")):
@@ -378,6 +383,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
 
     @rule(sku=sku_choices)
     def get_sku(self, sku: str) -> None:
+        sku = self.sku_name(sku)
         actual = self.call(self.engine.get_sku, sku)
         assert_same_reply(actual, self.model.get_sku(sku, self.now()), ("get_sku", sku))
 
@@ -392,7 +398,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
         operation, argument = bad
         values = BAD_VALUES[argument]
         arguments: dict[str, Any] = {
-            "sku": sku,
+            "sku": self.sku_name(sku),
             "buyer": buyer,
             "buyers": [buyer],
             "qty": 1,
@@ -435,9 +441,9 @@ class EngineAgainstModel(RuleBasedStateMachine):
         built: list[Command] = []
         for command in commands:
             if command[0] == "reserve":
-                built.append(Reserve(*command[1:]))
+                built.append(Reserve(self.sku_name(command[1]), *command[2:]))
             elif command[0] == "stock":
-                built.append(Stock(command[1]))
+                built.append(Stock(self.sku_name(command[1])))
             else:
                 reservation = self.pick_reservation(command[1])
                 buyer = self._buyer_for(reservation, command[2], own_buyer=command[3])
@@ -504,7 +510,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
         now = self.now()
         self.model.expire(now)
         self.model.check_invariants()
-        for sku in SKUS:
+        for sku in map(self.sku_name, SKUS):
             actual = self.call(self.engine.stock, sku)
             assert_same_reply(actual, self.model.stock(sku, now), ("stock", sku))
             if actual.ok:
