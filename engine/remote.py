@@ -11,6 +11,7 @@ been decided, and a retry with the same idempotency key returns the first answer
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,6 +22,8 @@ from protocol.codec import ClientCodec, LocalProtocolError, RemoteProtocolError,
 from protocol.limits import Limits
 from protocol.messages import UNAVAILABLE, AnyReply, Command, status_reply
 from protocol.parser import OPS
+
+log = logging.getLogger("soldout.remote")
 
 UNREACHABLE_ERROR = "the shard's owner did not answer; the outcome is unknown: retry with the same key"
 
@@ -54,8 +57,14 @@ class RemoteShard:
         commands = batch.commands
         replies: list[AnyReply] = []
         step = self._part_requests_max
-        for start in range(0, len(commands), step):
-            replies.extend(await self._forward_part(commands[start : start + step]))
+        try:
+            for start in range(0, len(commands), step):
+                replies.extend(await self._forward_part(commands[start : start + step]))
+        except Exception:
+            # A fault in forwarding is this batch's, not the engine's: its callers hear
+            # `unavailable` (the outcome is unknown) and every other batch goes on.
+            log.exception("shard %d: forwarding a batch to its owner failed", self.index)
+            replies = [status_reply(command, UNAVAILABLE, UNREACHABLE_ERROR) for command in commands]
         batch.resolve(replies)
 
     async def _forward_part(self, commands: Sequence[Command]) -> list[AnyReply]:

@@ -401,3 +401,31 @@ def test_only_the_adapter_imports_nats_asyncio_or_trio_asyncio() -> None:
         if found & {"nats", "asyncio", "trio_asyncio"} - allowed.get(path, set())
     }
     assert offenders == {}
+
+
+async def test_a_call_runs_on_its_clients_loop_from_any_task(nats_cluster: NatsCluster) -> None:
+    """A task whose context names another client's loop, or none (it was started before
+    the client's block), still reaches NATS through that client's own loop."""
+    jobs_in, jobs_out = trio.open_memory_channel[Callable[[], Awaitable[None]]](0)
+    answers: list[int] = []
+
+    async def outsider() -> None:  # started before any open_nats: no trio-asyncio loop in its context
+        async for job in jobs_out:
+            await job()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outsider)
+        async with (
+            open_nats(nats_cluster.urls, name="soldout-test-a", connect_seconds=10.0) as first,
+            open_nats(nats_cluster.urls, name="soldout-test-b", connect_seconds=10.0) as second,
+        ):
+            answers.append(await first.jetstream_servers())  # here the context names `second`'s loop
+
+            async def job() -> None:
+                answers.append(await first.jetstream_servers())
+                answers.append(await second.jetstream_servers())
+
+            await jobs_in.send(job)
+            await jobs_in.send(trio.lowlevel.checkpoint)  # taken only once the first job is done
+        await jobs_in.aclose()
+    assert answers == [3, 3, 3]

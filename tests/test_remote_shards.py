@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
@@ -33,11 +34,14 @@ class InProcessTransport:
     def __init__(self) -> None:
         self.owners: dict[int, Engine] = {}
         self.down: set[int] = set()
+        self.broken: set[int] = set()  # a fault of the transport's own, not an unreachable owner
         self.requests = 0
 
     async def request(self, shard: int, payload: bytes) -> bytes:
         self.requests += 1
         await trio.lowlevel.checkpoint()
+        if shard in self.broken:
+            raise RuntimeError(f"the transport for shard {shard} is broken")
         owner = self.owners.get(shard)
         if owner is None or shard in self.down:
             raise ShardUnreachable(f"no owner answers for shard {shard}")
@@ -144,3 +148,18 @@ async def test_an_owner_answers_only_for_the_shards_it_owns(autojump_clock: trio
         reply = await a.reserve(remote_sku, buyer="u", key="k")
         assert reply.status == "unavailable"
         assert transport.requests == 1
+
+
+async def test_a_fault_in_forwarding_answers_that_batch_unavailable_and_the_engine_serves_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with split_engines(autojump_clock) as (a, _, transport):
+        remote_sku = next(sku for sku in SKUS if shard_for_sku(sku, SHARDS) >= 2)
+        local_sku = next(sku for sku in SKUS if shard_for_sku(sku, SHARDS) < 2)
+        assert all(reply.ok for reply in await a.execute([PutSku(remote_sku, 5), PutSku(local_sku, 5)]))
+        transport.broken.add(shard_for_sku(remote_sku, SHARDS))
+        replies = await a.execute([Reserve(remote_sku, "u", 1, "k"), Reserve(local_sku, "v", 1)])
+        assert [reply.status for reply in replies] == ["unavailable", "ok"]
+        assert "forwarding a batch to its owner failed" in caplog.text
+        transport.broken.clear()
+        assert (await a.reserve(remote_sku, buyer="u", key="k")).status == "ok"

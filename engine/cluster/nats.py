@@ -75,10 +75,13 @@ class RequestTimeout(NatsError):
     """A request got no reply in its time."""
 
 
-async def _call(function: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-    """Runs a nats-py coroutine function on the trio-asyncio loop; nats-py's errors become NatsError."""
+async def _call(
+    loop: trio_asyncio.TrioEventLoop, function: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+) -> T:
+    """Runs a nats-py coroutine function on `loop` (the one its client was made on, not
+    whichever loop the calling task's context names); nats-py's errors become NatsError."""
     try:
-        return await trio_asyncio.aio_as_trio(function)(*args, **kwargs)
+        return await trio_asyncio.aio_as_trio(function, loop=loop)(*args, **kwargs)
     except nats.errors.Error as error:
         raise NatsError(_describe(error)) from error
     except (TimeoutError, OSError) as error:
@@ -126,13 +129,13 @@ async def open_nats(
     # alone comes out as itself, as if the nurseries were not there.
     single: BaseException | None = None
     try:
-        async with trio_asyncio.open_loop():
-            client = await _connect(list(urls), name, connect_seconds)
+        async with trio_asyncio.open_loop() as loop:
+            client = await _connect(loop, list(urls), name, connect_seconds)
             try:
-                yield Nats(client, operation_seconds)
+                yield Nats(loop, client, operation_seconds)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(close_seconds), contextlib.suppress(NatsError):
-                    await _call(client.close)
+                    await _call(loop, client.close)
     except BaseExceptionGroup as group:
         single = _single_exception(group)
         if single is None:
@@ -151,7 +154,7 @@ def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException
     return exception
 
 
-async def _connect(urls: list[str], name: str, connect_seconds: float) -> Client:
+async def _connect(loop: trio_asyncio.TrioEventLoop, urls: list[str], name: str, connect_seconds: float) -> Client:
     last_error: list[str] = []
 
     async def on_error(error: Exception) -> None:
@@ -164,6 +167,7 @@ async def _connect(urls: list[str], name: str, connect_seconds: float) -> Client
     with trio.move_on_after(connect_seconds) as waited:
         try:
             await _call(
+                loop,
                 client.connect,
                 servers=urls,
                 name=name,
@@ -174,24 +178,25 @@ async def _connect(urls: list[str], name: str, connect_seconds: float) -> Client
                 error_cb=on_error,
             )
         except NatsError as error:
-            await _close_quietly(client)
+            await _close_quietly(loop, client)
             detail = last_error[0] if last_error else str(error)
             raise NatsUnavailable(f"{unavailable}: {detail}") from None
     if waited.cancelled_caught:
-        await _close_quietly(client)
+        await _close_quietly(loop, client)
         raise NatsUnavailable(f"{unavailable}: {last_error[0] if last_error else 'no answer'}")
     return client
 
 
-async def _close_quietly(client: Client) -> None:
+async def _close_quietly(loop: trio_asyncio.TrioEventLoop, client: Client) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(NatsError):
-        await _call(client.close)
+        await _call(loop, client.close)
 
 
 class Nats:
     """A connected client: JetStream key-value, streams, objects, and request/reply, all trio-facing."""
 
-    def __init__(self, client: Client, operation_seconds: float) -> None:
+    def __init__(self, loop: trio_asyncio.TrioEventLoop, client: Client, operation_seconds: float) -> None:
+        self._loop = loop  # the loop nats-py runs on: every call goes there, whichever task makes it
         self._client = client
         self._operation_seconds = operation_seconds
         self._jetstream: JetStreamContext = client.jetstream(timeout=operation_seconds)
@@ -208,13 +213,13 @@ class Nats:
         assert replicas >= 1
         try:
             bucket_handle = await _call(
-                self._jetstream.create_key_value, bucket=bucket, replicas=replicas, history=1, direct=False
+                self._loop, self._jetstream.create_key_value, bucket=bucket, replicas=replicas, history=1, direct=False
             )
         except NatsError as error:
             if _err_code(error) != STREAM_NAME_IN_USE:
                 raise
-            bucket_handle = await _call(self._jetstream.key_value, bucket)
-        return KeyValueBucket(bucket_handle)
+            bucket_handle = await _call(self._loop, self._jetstream.key_value, bucket)
+        return KeyValueBucket(self._loop, bucket_handle)
 
     # -- streams -----------------------------------------------------------------------
 
@@ -237,7 +242,7 @@ class Nats:
             allow_direct=False,
         )
         try:
-            await _call(self._jetstream.add_stream, config)
+            await _call(self._loop, self._jetstream.add_stream, config)
         except NatsError as error:
             if _err_code(error) == STREAM_NAME_IN_USE:
                 raise NatsError(f"stream {name} exists with a different configuration") from error
@@ -259,7 +264,7 @@ class Nats:
             assert expected_last_subject_sequence >= 0
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER] = str(expected_last_subject_sequence)
         try:
-            ack = await _call(self._jetstream.publish, subject, payload, headers=headers)
+            ack = await _call(self._loop, self._jetstream.publish, subject, payload, headers=headers)
         except NatsError as error:
             if _err_code(error) == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(f"{subject}: {error}") from error.__cause__
@@ -274,7 +279,7 @@ class Nats:
     async def last_sequence(self, stream: str, subject: str) -> int:
         """The stream sequence of the last message on `subject`; 0 when it has none."""
         try:
-            message = await _call(self._jetstream.get_last_msg, stream, subject)
+            message = await _call(self._loop, self._jetstream.get_last_msg, stream, subject)
         except NatsError as error:
             if _is(error, nats.js.errors.NotFoundError):
                 return 0
@@ -307,14 +312,19 @@ class Nats:
             num_replicas=1,
             inactive_threshold=max(self._operation_seconds, 5.0),
         )
-        await _call(self._jetstream.add_consumer, stream, config)
+        await _call(self._loop, self._jetstream.add_consumer, stream, config)
         messages: list[tuple[int, bytes]] = []
         try:
-            subscription = await _call(self._jetstream.pull_subscribe_bind, consumer=consumer, stream=stream)
+            subscription = await _call(
+                self._loop, self._jetstream.pull_subscribe_bind, consumer=consumer, stream=stream
+            )
             try:
                 while len(messages) < count_max:
                     batch = await _call(
-                        subscription.fetch, batch=min(count_max - len(messages), 256), timeout=self._operation_seconds
+                        self._loop,
+                        subscription.fetch,
+                        batch=min(count_max - len(messages), 256),
+                        timeout=self._operation_seconds,
                     )
                     for message in batch:
                         sequence = int(message.metadata.sequence.stream)
@@ -330,40 +340,40 @@ class Nats:
                     trio.move_on_after(self._operation_seconds),
                     contextlib.suppress(NatsError),
                 ):
-                    await _call(subscription.unsubscribe)
+                    await _call(self._loop, subscription.unsubscribe)
         finally:
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(self._operation_seconds),
                 contextlib.suppress(NatsError),
             ):
-                await _call(self._jetstream.delete_consumer, stream, consumer)
+                await _call(self._loop, self._jetstream.delete_consumer, stream, consumer)
 
     async def purge(self, stream: str, subject: str, keep_from_sequence: int) -> None:
         """Removes the messages on `subject` with a sequence below `keep_from_sequence`."""
         assert keep_from_sequence >= 1
-        await _call(self._jetstream.purge_stream, stream, seq=keep_from_sequence, subject=subject)
+        await _call(self._loop, self._jetstream.purge_stream, stream, seq=keep_from_sequence, subject=subject)
 
     # -- objects -----------------------------------------------------------------------
 
     async def put_object(self, bucket: str, name: str, data: bytes, *, replicas: int) -> None:
         """Stores `data` under `name`, replacing what was there; the bucket is created if missing."""
         store = await self._object_store(bucket, replicas)
-        await _call(store.put, name, data)
+        await _call(self._loop, store.put, name, data)
 
     async def get_object(self, bucket: str, name: str) -> bytes | None:
         """The object's bytes; None when the bucket or the object does not exist."""
         store = self._object_stores.get(bucket)
         if store is None:
             try:
-                store = await _call(self._jetstream.object_store, bucket)
+                store = await _call(self._loop, self._jetstream.object_store, bucket)
             except NatsError as error:
                 if _is(error, nats.js.errors.NotFoundError):
                     return None
                 raise
             self._object_stores[bucket] = store
         try:
-            result = await _call(store.get, name)
+            result = await _call(self._loop, store.get, name)
         except NatsError as error:
             if _is(error, nats.js.errors.NotFoundError):
                 return None
@@ -374,7 +384,7 @@ class Nats:
         """Removes the object; nothing happens when it does not exist."""
         store = await self._object_store(bucket, replicas)
         try:
-            await _call(store.delete, name)
+            await _call(self._loop, store.delete, name)
         except NatsError as error:
             if not _is(error, nats.js.errors.NotFoundError):
                 raise
@@ -385,12 +395,12 @@ class Nats:
             assert replicas >= 1
             try:
                 store = await _call(
-                    self._jetstream.create_object_store, bucket, config=ObjectStoreConfig(replicas=replicas)
+                    self._loop, self._jetstream.create_object_store, bucket, config=ObjectStoreConfig(replicas=replicas)
                 )
             except NatsError as error:
                 if _err_code(error) != STREAM_NAME_IN_USE:
                     raise
-                store = await _call(self._jetstream.object_store, bucket)
+                store = await _call(self._loop, self._jetstream.object_store, bucket)
             self._object_stores[bucket] = store
         return store
 
@@ -414,14 +424,14 @@ class Nats:
         propagates (its request gets no reply, and the caller's request times out).
         """
         assert handlers_max >= 1
-        subscription = await _call(self._client.subscribe, subject, queue=queue)
+        subscription = await _call(self._loop, self._client.subscribe, subject, queue=queue)
         try:
             async with trio.open_nursery() as nursery:
                 slots = trio.Semaphore(handlers_max)
                 task_status.started()
                 while True:
                     await slots.acquire()
-                    message = await _call(subscription.next_msg, timeout=None)
+                    message = await _call(self._loop, subscription.next_msg, timeout=None)
                     nursery.start_soon(self._answer, message, handler, slots)
         finally:
             with (
@@ -429,13 +439,13 @@ class Nats:
                 trio.move_on_after(self._operation_seconds),
                 contextlib.suppress(NatsError),
             ):
-                await _call(subscription.unsubscribe)
+                await _call(self._loop, subscription.unsubscribe)
 
     async def _answer(self, message: Msg, handler: Callable[[bytes], Awaitable[bytes]], slots: trio.Semaphore) -> None:
         try:
             reply = await handler(message.data)
             if message.reply:
-                await _call(message.respond, reply)
+                await _call(self._loop, message.respond, reply)
         finally:
             slots.release()
 
@@ -443,7 +453,7 @@ class Nats:
         """The reply of whoever serves `subject`; `NoResponders` or `RequestTimeout` otherwise."""
         assert timeout_seconds > 0
         try:
-            reply = await _call(self._client.request, subject, payload, timeout=timeout_seconds)
+            reply = await _call(self._loop, self._client.request, subject, payload, timeout=timeout_seconds)
         except NatsError as error:
             if _is(error, nats.errors.NoRespondersError):
                 raise NoResponders(f"nobody serves {subject}") from error.__cause__
@@ -460,7 +470,7 @@ class Nats:
         A soldout cluster runs JetStream on every server, so this is the most replicas a
         stream, bucket or object store can have.
         """
-        await _call(self._client.flush, timeout=self._operation_seconds)
+        await _call(self._loop, self._client.flush, timeout=self._operation_seconds)
         info: dict[str, Any] = self._client._server_info
         if not info.get("jetstream"):
             return 0
@@ -471,13 +481,14 @@ class Nats:
 class KeyValueBucket:
     """One JetStream key-value bucket: values are bytes, every write returns its revision."""
 
-    def __init__(self, bucket: NatsKeyValue) -> None:
+    def __init__(self, loop: trio_asyncio.TrioEventLoop, bucket: NatsKeyValue) -> None:
+        self._loop = loop
         self._bucket = bucket
 
     async def create(self, key: str, value: bytes) -> int:
         """Writes `key` only if it has no value (never written, or deleted); `KeyExists` otherwise."""
         try:
-            return int(await _call(self._bucket.create, key, value))
+            return int(await _call(self._loop, self._bucket.create, key, value))
         except NatsError as error:
             if _is(error, nats.js.errors.KeyWrongLastSequenceError) or _err_code(error) == WRONG_LAST_SEQUENCE:
                 raise KeyExists(key) from error.__cause__
@@ -487,7 +498,7 @@ class KeyValueBucket:
         """Writes `key` only if its revision is still `last_revision`; `WrongRevision` otherwise."""
         assert last_revision >= 1
         try:
-            return int(await _call(self._bucket.update, key, value, last=last_revision))
+            return int(await _call(self._loop, self._bucket.update, key, value, last=last_revision))
         except NatsError as error:
             if _is(error, nats.js.errors.KeyWrongLastSequenceError) or _err_code(error) == WRONG_LAST_SEQUENCE:
                 raise WrongRevision(f"{key}: not at revision {last_revision}") from error.__cause__
@@ -496,7 +507,7 @@ class KeyValueBucket:
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """(value, revision) of `key`; None when it was never written or was deleted."""
         try:
-            entry = await _call(self._bucket.get, key)
+            entry = await _call(self._loop, self._bucket.get, key)
         except NatsError as error:
             if _is(error, nats.js.errors.NotFoundError):
                 return None
@@ -507,7 +518,7 @@ class KeyValueBucket:
         """Deletes `key`; with `last_revision`, only if it is still at that revision (`WrongRevision`)."""
         assert last_revision is None or last_revision >= 1
         try:
-            await _call(self._bucket.delete, key, last=last_revision)
+            await _call(self._loop, self._bucket.delete, key, last=last_revision)
         except NatsError as error:
             if _err_code(error) == WRONG_LAST_SEQUENCE:
                 raise WrongRevision(f"{key}: not at revision {last_revision}") from error.__cause__
@@ -516,7 +527,7 @@ class KeyValueBucket:
     async def keys(self) -> list[str]:
         """The keys that have a value now, sorted."""
         try:
-            return sorted(await _call(self._bucket.keys))
+            return sorted(await _call(self._loop, self._bucket.keys))
         except NatsError as error:
             if _is(error, nats.js.errors.NoKeysError):
                 return []
