@@ -12,6 +12,7 @@ been decided, and a retry with the same idempotency key returns the first answer
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,7 +20,7 @@ import trio
 
 from engine.shard import Batch
 from protocol.codec import ClientCodec, LocalProtocolError, RemoteProtocolError, reply_from_map, request_map
-from protocol.limits import Limits
+from protocol.limits import CLUSTER_FORWARDS_IN_FLIGHT_MAX, Limits
 from protocol.messages import UNAVAILABLE, AnyReply, Command, status_reply
 from protocol.parser import OPS
 
@@ -39,7 +40,13 @@ class ShardTransport(Protocol):
 
 
 class RemoteShard:
-    """`hand_over` forwards a batch to the shard's owner; the batch is resolved when it answers."""
+    """`hand_over` forwards a batch to the shard's owner; the batch is resolved when it answers.
+
+    At most `CLUSTER_FORWARDS_IN_FLIGHT_MAX` requests are in flight to the owner; batches
+    handed over meanwhile wait, and each request takes every whole batch waiting, up to
+    `batch_requests_max` commands (a batch larger than that goes alone, in parts). Under
+    load a request carries many callers' batches, and its fixed cost is shared by them.
+    """
 
     def __init__(self, index: int, transport: ShardTransport, nursery: trio.Nursery, limits: Limits) -> None:
         self.index = index
@@ -47,29 +54,57 @@ class RemoteShard:
         self._nursery = nursery
         self._codec = ClientCodec(limits)
         self._part_requests_max = limits.batch_requests_max
+        self._waiting: deque[Batch] = deque()
+        self._forwarders = 0
+        self.requests = 0  # sent to the owner, for tests and figures
 
     async def hand_over(self, batch: Batch) -> None:
         # As for a local shard: a caller already cancelled hands nothing over.
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._nursery.start_soon(self._forward, batch)
+        self._waiting.append(batch)
+        if self._forwarders < CLUSTER_FORWARDS_IN_FLIGHT_MAX:
+            self._forwarders += 1
+            self._nursery.start_soon(self._forward_waiting)
 
-    async def _forward(self, batch: Batch) -> None:
-        commands = batch.commands
+    async def _forward_waiting(self) -> None:
+        try:
+            while self._waiting:
+                await self._forward(self._take_waiting())
+        finally:
+            self._forwarders -= 1
+
+    def _take_waiting(self) -> list[Batch]:
+        """The next request's batches: the first waiting, and those after it that fit."""
+        waiting = self._waiting
+        batches = [waiting.popleft()]
+        commands = len(batches[0].commands)
+        while waiting and commands + len(waiting[0].commands) <= self._part_requests_max:
+            commands += len(waiting[0].commands)
+            batches.append(waiting.popleft())
+        return batches
+
+    async def _forward(self, batches: list[Batch]) -> None:
+        commands = [command for batch in batches for command in batch.commands]
         replies: list[AnyReply] = []
         step = self._part_requests_max
         try:
             for start in range(0, len(commands), step):
                 replies.extend(await self._forward_part(commands[start : start + step]))
         except Exception:
-            # A fault in forwarding is this batch's, not the engine's: its callers hear
+            # A fault in forwarding is these batches', not the engine's: their callers hear
             # `unavailable` (the outcome is unknown) and every other batch goes on.
             log.exception("shard %d: forwarding a batch to its owner failed", self.index)
             replies = [status_reply(command, UNAVAILABLE, UNREACHABLE_ERROR) for command in commands]
-        batch.resolve(replies)
+        start = 0
+        for batch in batches:
+            end = start + len(batch.commands)
+            batch.resolve(replies[start:end])
+            start = end
 
     async def _forward_part(self, commands: Sequence[Command]) -> list[AnyReply]:
         maps = [request_map(position, command) for position, command in enumerate(commands)]
         try:
+            self.requests += 1
             answer = await self._transport.request(self.index, self._codec.encode_batch(maps))
             received = self._codec.decode_replies(answer)
         except (ShardUnreachable, RemoteProtocolError, LocalProtocolError):

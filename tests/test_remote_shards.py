@@ -20,7 +20,7 @@ from engine.api import Engine, open_engine
 from engine.config import EngineConfig
 from engine.remote import RemoteShard, ShardUnreachable
 from engine.router import shard_for_sku
-from protocol.limits import Limits
+from protocol.limits import CLUSTER_FORWARDS_IN_FLIGHT_MAX, Limits
 from protocol.messages import Command, Confirm, PutSku, Register, Reserve, Stock
 
 SHARDS = 4
@@ -163,3 +163,31 @@ async def test_a_fault_in_forwarding_answers_that_batch_unavailable_and_the_engi
         assert "forwarding a batch to its owner failed" in caplog.text
         transport.broken.clear()
         assert (await a.reserve(remote_sku, buyer="u", key="k")).status == "ok"
+
+
+async def test_batches_waiting_for_a_remote_owner_go_together_and_each_gets_its_own_replies(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with split_engines(autojump_clock) as (a, _, transport):
+        remote_skus = [sku for sku in SKUS if shard_for_sku(sku, SHARDS) == 2]
+        assert remote_skus
+        # Each SKU a different stock, so a reply says whose it is.
+        stocks = {sku: 10 + index for index, sku in enumerate(remote_skus)}
+        assert all(reply.ok for reply in await a.execute([PutSku(sku, stocks[sku]) for sku in remote_skus]))
+        requests_before = transport.requests
+        callers = 40
+        answers: dict[int, list] = {}
+
+        async def caller(index: int) -> None:
+            skus = [remote_skus[(index + offset) % len(remote_skus)] for offset in range(10)]
+            replies = await a.execute([Stock(sku) for sku in skus])
+            answers[index] = list(zip(skus, replies, strict=True))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(callers):
+                nursery.start_soon(caller, index)
+        # 40 batches of 10 fit in one request of 1,000 commands: never one request per batch.
+        assert transport.requests - requests_before <= CLUSTER_FORWARDS_IN_FLIGHT_MAX
+        assert sorted(answers) == list(range(callers))
+        for pairs in answers.values():
+            assert [(reply.status, reply.available) for _, reply in pairs] == [("ok", stocks[sku]) for sku, _ in pairs]
