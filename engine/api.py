@@ -14,7 +14,7 @@ import trio
 from engine.config import EngineConfig
 from engine.remote import RemoteShard
 from engine.router import shard_for_reservation, shard_for_sku
-from engine.shard import Batch, CommitObserver, Shard, ShardStatistics
+from engine.shard import Batch, BatchGroup, CommitObserver, Shard, ShardStatistics
 from engine.shard import EngineClosed as EngineClosed  # raised by the methods below
 from engine.store import DataDir, ShardStore
 from protocol.codec import ServerCodec
@@ -214,8 +214,12 @@ class Engine:
         count = len(items)
         if count == 0:
             return []
-        route = self.route
-        targets = [route(item) for item in items]
+        # The hot path inlined: a reserve for a SKU whose shard is known; `route` the rest.
+        known = self._sku_shards.get
+        targets: list[int | AnyReply | None] = [known(item.sku) if type(item) is Reserve else None for item in items]  # type: ignore[union-attr]
+        if None in targets:
+            route = self.route
+            targets = [route(item) if target is None else target for item, target in zip(items, targets, strict=True)]
         if local_only:
             targets = [
                 _unavailable(items[position]) if type(target) is int and not self.is_local(target) else target
@@ -232,14 +236,21 @@ class Engine:
         positions: dict[int, list[int]] = {}
         for position, target in enumerate(targets):
             if type(target) is int:
-                positions.setdefault(target, []).append(position)
+                shard_positions = positions.get(target)
+                if shard_positions is None:
+                    positions[target] = [position]
+                else:
+                    shard_positions.append(position)
+        # One wake-up for the frame, when its last shard answers.
+        group = BatchGroup()
         batches: list[tuple[Batch, list[int]]] = []
         for shard, shard_positions in positions.items():
-            batch = Batch([items[position] for position in shard_positions])  # type: ignore[misc]
+            batch = Batch([items[position] for position in shard_positions], group)  # type: ignore[misc]
             await handles[shard].hand_over(batch)
             batches.append((batch, shard_positions))
+        await group.wait()
         for batch, shard_positions in batches:
-            for position, reply in zip(shard_positions, await batch.wait(), strict=True):
+            for position, reply in zip(shard_positions, batch.replies, strict=True):
                 replies[position] = reply
         return replies
 

@@ -214,9 +214,34 @@ class Book:
         replies: list[AnyReply] = []
         append = replies.append
         reserve = self._reserve
+        hold = self._hold
+        skus = self.skus
         for command in commands:
             kind = type(command)
             if kind is Reserve:
+                # Most of a flash sale's reserves are refused: those of a SKU on sale to
+                # anyone, with a new key (or none), are refused here, in the order of
+                # `_reserve`'s checks, which decides the rest.
+                state = skus.get(command.sku)
+                if (
+                    state is not None
+                    and state.opens_at is None
+                    and state.closes_at is None
+                    and not state.registration_required
+                ):
+                    key = command.key
+                    if key is None or key not in state.keys:
+                        buyer = command.buyer
+                        qty = command.qty
+                        if state.buyer_units.get(buyer, 0) + qty > state.per_buyer_limit:
+                            append(_REPLY_LIMIT)
+                            continue
+                        available = state.stock - state.held - state.sold
+                        if qty > available:
+                            append(_REPLY_SOLD_OUT)
+                            continue
+                        append(hold(state, buyer, qty, key, now, records, available))
+                        continue
                 append(reserve(command, now, records))
             elif kind is Confirm:
                 append(self._end_hold(command, now, records, CONFIRMED))
@@ -293,11 +318,17 @@ class Book:
         available = state.stock - state.held - state.sold
         if qty > available:
             return _REPLY_SOLD_OUT
+        return self._hold(state, buyer, qty, key, now, records, available)
+
+    def _hold(
+        self, state: SkuState, buyer: str, qty: int, key: str | None, now: float, records: list[Record], available: int
+    ) -> Reply:
+        """Make the hold a reserve passed every check for: `available` units are left before it."""
         assert qty > 0, "the parser admits positive quantities only"
         number = self.last_hold_number + 1
         expires_at = now + state.hold_seconds
-        record = (RECORD_HOLD, number, sku, buyer, qty, now, expires_at, key)
-        self._replay_hold(record)
+        record = (RECORD_HOLD, number, state.sku, buyer, qty, now, expires_at, key)
+        self._apply_hold(state, number, buyer, qty, now, expires_at, key)
         records.append(record)
         return Reply(OK, format_reservation(self.shard, number), expires_at, available - qty)
 
@@ -466,17 +497,28 @@ class Book:
 
     def _replay_hold(self, record: Record) -> None:
         _, number, sku, buyer, qty, created_at, expires_at, key = record
-        state = self.skus[sku]
+        self._apply_hold(self.skus[sku], number, buyer, qty, created_at, expires_at, key)
+
+    def _apply_hold(
+        self,
+        state: SkuState,
+        number: int,
+        buyer: str,
+        qty: int,
+        created_at: float,
+        expires_at: float,
+        key: str | None,
+    ) -> None:
         if number != self.last_hold_number + 1:
             raise InvariantViolation(f"hold {number} follows hold {self.last_hold_number}")
         units = state.buyer_units.get(buyer, 0) + qty
         state.buyer_units[buyer] = units
         state.held += qty
         if state.held + state.sold > state.stock or units > state.per_buyer_limit:
-            raise InvariantViolation(f"hold {number} oversells {sku!r} or exceeds {buyer!r}'s limit")
+            raise InvariantViolation(f"hold {number} oversells {state.sku!r} or exceeds {buyer!r}'s limit")
         if key is not None:
             if key in state.keys:
-                raise InvariantViolation(f"key {key!r} of {sku!r} would make a second hold")
+                raise InvariantViolation(f"key {key!r} of {state.sku!r} would make a second hold")
             state.keys[key] = number
         self.holds[number] = Hold(number, state, buyer, qty, created_at, expires_at, key)
         state.holds_created += 1

@@ -44,22 +44,60 @@ class EngineClosed(Exception):
     """The engine was used after its `open_engine` block ended."""
 
 
+class BatchGroup:
+    """The batches of one call, waited for together: the caller wakes once, when the last is answered.
+
+    A frame for many shards hands each its part as a batch; waiting for each in turn would
+    wake the caller once per shard.
+    """
+
+    __slots__ = ("_waiter", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0  # batches of the group not answered yet
+        self._waiter: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        """Until every batch of the group is answered."""
+        if not self.pending:
+            await trio.lowlevel.checkpoint()
+            return
+        assert self._waiter is None, "a group has one waiter"
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _answered(self) -> None:
+        self.pending -= 1
+        waiter = self._waiter
+        if not self.pending and waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+
 class Batch:
     """Commands handed to a shard as one unit, and the slot their replies come back in.
 
-    The caller parks in `wait` until the shard calls `resolve`. It is a one-shot
-    trio.Event specialised for the hot path: one waiter, no parking lot. A caller
-    cancelled while waiting stops waiting; the shard still decides the commands
+    The caller parks in `wait` (or its group's) until the shard calls `resolve`. It is a
+    one-shot trio.Event specialised for the hot path: one waiter, no parking lot. A
+    caller cancelled while waiting stops waiting; the shard still decides the commands
     (they are already in its mailbox) and the replies go nowhere.
     """
 
-    __slots__ = ("_waiter", "commands", "done", "replies")
+    __slots__ = ("_group", "_waiter", "commands", "done", "replies")
 
-    def __init__(self, commands: Sequence[Command]) -> None:
+    def __init__(self, commands: Sequence[Command], group: BatchGroup | None = None) -> None:
         self.commands = commands
         self.replies: list[AnyReply] = []
         self.done = False
         self._waiter: trio.lowlevel.Task | None = None
+        self._group = group
+        if group is not None:
+            group.pending += 1
 
     async def wait(self) -> list[AnyReply]:
         if self.done:
@@ -83,6 +121,8 @@ class Batch:
         if waiter is not None:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
+        if self._group is not None:
+            self._group._answered()
 
 
 CommitObserver = Callable[[int, int, int, float], None]  # shard, commands, records, seconds

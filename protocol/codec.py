@@ -16,8 +16,11 @@ decodes into requests answered `invalid` with what is wrong, so every one gets i
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_
 from typing import Any, Final
 
 import msgpack
@@ -147,9 +150,31 @@ _ID_KEY: Final = _PACK("id")
 _MAP_OF_TWO: Final = b"\x82" + _ID_KEY
 # The rest of a reply that is its status alone ("status": "sold_out"), per status.
 _STATUS_TAILS: Final = {status: _PACK("status") + _PACK(status.value) for status in Status}
+# An `ok` reserve's map: a fixmap header of 5, "id", and the names of its last three fields.
+_MAP_OF_FIVE: Final = b"\x85" + _ID_KEY
+_HOLD_HEADS: Final = {status: tail + _PACK("reservation") for status, tail in _STATUS_TAILS.items()}
+# expires_at is a float64 (0xcb, then 8 bytes big-endian), as msgpack writes every float here.
+_EXPIRES_AT_KEY: Final = _PACK("expires_at") + b"\xcb"
+_DOUBLE: Final = struct.Struct(">d")
+_REMAINING_KEY: Final = _PACK("remaining")
+
+
+def _status_tail(reply: AnyReply) -> bytes:
+    """The bytes after the id of a reply that is its status alone; empty for any other reply."""
+    if (
+        type(reply) is Reply
+        and reply.reservation is None
+        and reply.error is None
+        and reply.remaining is None
+        and reply.expires_at is None
+    ):
+        return _STATUS_TAILS.get(reply.status, b"")
+    return b""
 
 
 _REPLY_TYPES: Final = frozenset(REPLY_TYPES)
+# Is no reply.
+_NO_REPLY: Final = object()
 
 
 def _reply_map(request_id: int | None, reply: AnyReply) -> dict[str, Any]:
@@ -260,33 +285,66 @@ class ServerCodec:
         """The payload that answers `frame`: one map, or for a batch an array in request order.
 
         A reply that is its status alone (most of a flash sale's: sold_out) is written
-        from bytes made once per status; the rest through a map each.
+        from bytes made once per status, and an `ok` reserve's from bytes made once per
+        field name; the rest through a map each. The bytes are those of packing the map.
         """
         ids = frame.ids
         count = len(ids)
         if len(replies) != count:
             raise LocalProtocolError(f"{len(replies)} replies for a frame of {count} requests")
         pack = _PACK
+        pack_double = _DOUBLE.pack
         tails = _STATUS_TAILS
+        hold_heads = _HOLD_HEADS
         parts: list[bytes] = []
         append = parts.append
         if frame.batch:
             append(b"\xdc" + count.to_bytes(2, "big") if count < 65536 else b"\xdd" + count.to_bytes(4, "big"))
+        # The last reply written as its status alone, and its bytes: the book answers
+        # every refusal of a kind with the same reply object.
+        alike: object = _NO_REPLY
+        alike_tail = b""
         try:
+            first = replies[0] if count else None
+            if count > 1 and all(map(is_, replies, repeat(first))):
+                alike_tail = _status_tail(first)  # type: ignore[arg-type]
+                if alike_tail:
+                    # One answer for the whole frame: the maps differ by their ids alone.
+                    append(_MAP_OF_TWO)
+                    append((alike_tail + _MAP_OF_TWO).join(map(pack, ids)))
+                    append(alike_tail)
+                    return b"".join(parts)
             for request_id, reply in zip(ids, replies):  # noqa: B905 (lengths checked above)
-                if (
-                    type(reply) is Reply
-                    and reply.reservation is None
-                    and reply.error is None
-                    and reply.remaining is None
-                    and reply.expires_at is None
-                ):
-                    tail = tails.get(reply.status)
-                    if tail is not None:
-                        append(_MAP_OF_TWO)
-                        append(pack(request_id))
-                        append(tail)
-                        continue
+                if reply is alike:
+                    append(_MAP_OF_TWO)
+                    append(pack(request_id))
+                    append(alike_tail)
+                    continue
+                if type(reply) is Reply and reply.error is None:
+                    reservation = reply.reservation
+                    if reservation is None:
+                        if reply.remaining is None and reply.expires_at is None:
+                            tail = tails.get(reply.status)
+                            if tail is not None:
+                                alike = reply
+                                alike_tail = tail
+                                append(_MAP_OF_TWO)
+                                append(pack(request_id))
+                                append(tail)
+                                continue
+                    elif reply.expires_at is not None and reply.remaining is not None:
+                        head = hold_heads.get(reply.status)
+                        if head is not None:
+                            # A hold made: id, status, reservation, expires_at, remaining.
+                            append(_MAP_OF_FIVE)
+                            append(pack(request_id))
+                            append(head)
+                            append(pack(reservation))
+                            append(_EXPIRES_AT_KEY)
+                            append(pack_double(float(reply.expires_at)))
+                            append(_REMAINING_KEY)
+                            append(pack(reply.remaining))
+                            continue
                 append(pack(_reply_map(request_id, reply)))
         except (TypeError, ValueError, OverflowError) as error:
             raise LocalProtocolError(f"cannot encode as msgpack: {error}") from error

@@ -73,6 +73,10 @@ TRIM_FREED_BYTES_MIN: Final = 16 * 1024 * 1024
 # away) while waiting for a closing peer to hang up.
 RECEIVE_BYTES: Final = 4096
 DRAIN_BYTES: Final = 65536
+# What a gateway connection reads at a time: a frame of a hundred requests (about 8 KiB)
+# in one read, not two or three, each a system call and a pass through wsproto. The
+# buffer is sized to what arrived once read, so an idle connection holds none of it.
+GATEWAY_RECEIVE_BYTES: Final = 65536
 # The metrics endpoint: scrapers served at once, and the size of a request's head.
 METRICS_CONNECTIONS_MAX: Final = 8
 METRICS_REQUEST_BYTES_MAX: Final = 16384

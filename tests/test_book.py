@@ -1261,3 +1261,55 @@ def test_the_hold_op_tells_each_state_and_changes_nothing(ending: Any, state: st
     assert decide_unchanged(book, GetHold(reservation, "u2"), now) == HoldReply("not_found")
     assert decide_unchanged(book, GetHold("0-999", "u1"), now) == HoldReply("not_found")
     assert decide_unchanged(book, GetHold("", "u1"), now).status == "invalid"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stock=st.integers(min_value=0, max_value=4),
+    per_buyer_limit=st.integers(min_value=1, max_value=3),
+    opens_at=st.sampled_from([None, 50.0, 150.0]),
+    closes_at=st.sampled_from([None, 120.0, 200.0]),
+    registration_required=st.booleans(),
+    reserves=st.lists(
+        st.tuples(
+            st.sampled_from(["A", "B", "nope"]),
+            st.sampled_from(["u1", "u2", "u3"]),
+            st.integers(min_value=1, max_value=3),
+            st.sampled_from([None, "k1", "k2", "k3"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_a_batch_decides_each_reserve_as_the_reserve_check_alone_does(
+    stock: int,
+    per_buyer_limit: int,
+    opens_at: float | None,
+    closes_at: float | None,
+    registration_required: bool,
+    reserves: list[tuple[str, str, int, str | None]],
+) -> None:
+    """`execute` refuses most reserves without calling `_reserve`: its answers, records and
+    state must be those of `_reserve` deciding each in turn, whatever the SKU's settings."""
+    now = 100.0
+    books = [Book(3), Book(3)]
+    for book in books:
+        records: list[Any] = []
+        book.execute(
+            [
+                PutSku("A", stock, per_buyer_limit, 60, opens_at, closes_at, registration_required),
+                PutSku("B", 2, 1, 60),
+                Register("A", ["u1"]),
+            ],
+            now - 1,
+            records,
+        )
+    commands = [Reserve(sku, buyer, qty, key) for sku, buyer, qty, key in reserves]
+    fast_records: list[Any] = []
+    fast = books[0].execute(commands, now, fast_records)
+    plain_records: list[Any] = []
+    plain = [books[1]._reserve(command, now, plain_records) for command in commands]
+    assert fast == plain
+    assert fast_records == plain_records
+    assert books[0].to_snapshot() == books[1].to_snapshot()
+    books[0].check_invariants()

@@ -704,6 +704,64 @@ def test_a_status_only_reply_written_from_its_cached_bytes_is_the_map_msgpack_wo
         assert server().encode(frame, [Reply(status)]) == expected  # type: ignore[arg-type]
 
 
+def _map_of(request_id: int | None, reply: Reply) -> dict[str, Any]:
+    """The reply map as SPEC.md writes it, field by field: what the written bytes must pack."""
+    fields: dict[str, Any] = {"id": request_id, "status": reply.status}
+    if reply.reservation is not None:
+        fields["reservation"] = reply.reservation
+    if reply.expires_at is not None:
+        fields["expires_at"] = float(reply.expires_at)
+    if reply.remaining is not None:
+        fields["remaining"] = reply.remaining
+    if reply.error is not None:
+        fields["error"] = reply.error
+    return fields
+
+
+SOLD_OUT_REPLY = Reply("sold_out")
+plain_replies = st.one_of(
+    st.just(SOLD_OUT_REPLY),  # the book answers every refusal of a kind with one object
+    st.sampled_from(STATUSES).map(Reply),  # type: ignore[arg-type]
+    st.builds(
+        Reply,
+        st.just("ok"),
+        reservation=st.text(min_size=1, max_size=12),
+        expires_at=st.one_of(st.integers(min_value=0, max_value=2**40), st.floats(min_value=0, max_value=2e9)),
+        remaining=st.integers(min_value=0, max_value=2**40),
+    ),
+    st.builds(
+        Reply, st.sampled_from(STATUSES), reservation=st.none() | st.just("0-1"), error=st.none() | st.text(max_size=5)
+    ),  # type: ignore[arg-type]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    replies=st.lists(plain_replies, min_size=1, max_size=8),
+    ids=st.lists(st.none() | st.integers(min_value=ID_MIN, max_value=ID_MAX), min_size=8, max_size=8),
+)
+def test_every_frame_of_replies_is_written_as_msgpack_writes_its_maps(
+    replies: list[Reply], ids: list[int | None]
+) -> None:
+    """Status-only replies, frames answered alike and holds made are written from cached bytes: the
+    bytes must be exactly those of packing the maps, for any mix of them."""
+    ids = ids[: len(replies)]
+    maps = [_map_of(request_id, reply) for request_id, reply in zip(ids, replies, strict=True)]
+    batch = Frame(ids, ["reserve"] * len(ids), list(replies), batch=True)
+    # A batch's array header is always array 16 (0xdc), whatever its length.
+    header = b"\xdc" + len(maps).to_bytes(2, "big")
+    assert server().encode(batch, replies) == header + b"".join(msgpack.packb(fields) for fields in maps)
+    single = Frame(ids[:1], ["reserve"], replies[:1], batch=False)
+    assert server().encode(single, replies[:1]) == msgpack.packb(maps[0])
+
+
+def test_a_frame_answered_alike_is_written_as_its_maps() -> None:
+    ids = list(range(120, 140))
+    batch = Frame(ids, ["reserve"] * len(ids), [SOLD_OUT_REPLY] * len(ids), batch=True)
+    expected = b"\xdc\x00\x14" + b"".join(msgpack.packb({"id": request_id, "status": "sold_out"}) for request_id in ids)
+    assert server().encode(batch, [SOLD_OUT_REPLY] * len(ids)) == expected
+
+
 def test_a_stock_reply_carries_the_four_counts() -> None:
     reply = StockReply("ok", stock=10, available=0, held=3, sold=7)
     assert answer(reply) == {

@@ -91,3 +91,38 @@ def test_a_plain_reserve_is_kept_as_it_is_and_a_refusal_names_the_first_bad_fiel
 
 def test_a_batch_holding_something_that_is_not_a_map_is_refused_whole() -> None:
     assert PARSER.requests([{"id": 1, "op": "ping"}, [1]]) is None
+
+
+def test_a_batch_judges_each_reserve_on_its_own_after_a_valid_one_for_the_same_or_another_sku() -> None:
+    """The batch path remembers the last SKU it found valid: an equal one is valid, anything
+    else is checked in full, so a bad SKU after a good one gets the plain path's refusal."""
+    for sku in [*EDGE_NAMES, "SKU"]:
+        first = {"id": 1, "op": "reserve", "sku": "SKU", "buyer": "b", "qty": 1}
+        second = {"id": 2, "op": "reserve", "sku": sku, "buyer": "b", "qty": 1}
+        parsed = PARSER.requests([second, first, second, first])
+        assert parsed is not None
+        assert [verdict(item) for item in parsed[2]] == [
+            verdict(PARSER.reserve(sku, "b", 1)),
+            ("command", Reserve("SKU", "b", 1)),
+            verdict(PARSER.reserve(sku, "b", 1)),
+            ("command", Reserve("SKU", "b", 1)),
+        ]
+
+
+def test_a_batch_reserve_with_a_field_in_the_place_of_another_gets_the_plain_paths_answer() -> None:
+    """Five or six entries that are not exactly the reserve's fields leave the fast path."""
+    maps = [
+        {"id": 1, "op": "reserve", "sku": "SKU", "buyer": "b", "key": "k"},  # key in qty's place
+        {"id": 2, "op": "reserve", "sku": "SKU", "buyer": "b", "qty": 1, "order": "o"},  # not key
+        {"id": 3, "op": "reserve", "sku": "SKU", "buyer": "b", "qty": 1, "key": "k"},
+        {"id": 4, "op": "reserve", "sku": "SKU", "qty": 1, "key": "k", "x": 1},  # no buyer
+    ]
+    parsed = PARSER.requests(maps)
+    assert parsed is not None
+    assert [verdict(item) for item in parsed[2]] == [verdict(PARSER.request(fields)[2]) for fields in maps]
+    assert [verdict(item) for item in parsed[2]] == [
+        ("refused", (INVALID, "missing field: qty")),
+        ("refused", (INVALID, "unknown field: order")),
+        ("command", Reserve("SKU", "b", 1, "k")),
+        ("refused", (INVALID, "unknown field: x")),
+    ]

@@ -473,8 +473,14 @@ class Connection:
     def _tally(self, frame: Frame, replies: Sequence[AnyReply]) -> None:
         """Count the frame's answers by (op, status); a request without a known op counts as "invalid"."""
         # Counter counts in C: a frame may hold a thousand requests.
-        tally = Counter(zip(frame.ops, map(_status, replies)))  # noqa: B905 (one reply per request)
-        if None in frame.ops:
+        ops = frame.ops
+        op = ops[0]
+        if op is not None and ops.count(op) == len(ops):
+            # A frame of one op (a crowd's reserves): count its statuses alone.
+            self.metrics.answered({(op, status): count for status, count in Counter(map(_status, replies)).items()})
+            return
+        tally = Counter(zip(ops, map(_status, replies)))  # noqa: B905 (one reply per request)
+        if None in ops:
             for (op, status), count in [(key, count) for key, count in tally.items() if key[0] is None]:
                 del tally[op, status]
                 tally["invalid", status] = tally.get(("invalid", status), 0) + count

@@ -37,8 +37,9 @@ class InflightBytes:
         assert size >= 0
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._line and self._fits(size):
+            # No yield when there is room: a reader takes a frame's bytes right after
+            # receiving it, and receiving yields already.
             self.used += size
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         turn = _Turn(size)
         self._line.append(turn)

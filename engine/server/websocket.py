@@ -24,7 +24,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
-from protocol.limits import DRAIN_BYTES, RECEIVE_BYTES
+from protocol.limits import DRAIN_BYTES, GATEWAY_RECEIVE_BYTES
 
 
 class ServerWebSocket(WebSocketConnection):
@@ -36,7 +36,7 @@ class ServerWebSocket(WebSocketConnection):
         *,
         max_message_size: int,
         message_queue_size: int,
-        receive_buffer_size: int = RECEIVE_BYTES,
+        receive_buffer_size: int = GATEWAY_RECEIVE_BYTES,
     ) -> None:
         super().__init__(
             stream,
