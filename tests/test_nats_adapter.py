@@ -48,6 +48,13 @@ async def test_jetstream_has_three_servers(nats: Nats) -> None:
     assert await nats.jetstream_servers() == 3
 
 
+def test_every_server_fsyncs_each_write_before_acknowledging_it(nats_cluster: NatsCluster) -> None:
+    """What the tests, the bench and the demo measure is a commit on disk at a quorum."""
+    for server in nats_cluster.servers:
+        config = server.monitor("/varz")["jetstream"]["config"]
+        assert config["sync_always"] is True, server.name
+
+
 # -- key-value ---------------------------------------------------------------------------
 
 
