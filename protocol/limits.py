@@ -88,6 +88,9 @@ CLUSTER_REPLAY_READ_MESSAGES_MAX: Final = 1024
 CLUSTER_CONNECT_SECONDS_MAX: Final = 10.0
 # How long a batch for another node's shard waits for its answer before it is unavailable.
 CLUSTER_REQUEST_SECONDS_MAX: Final = 2.0
+# A journal read asks again after this pause when JetStream answers 503 (the consumer
+# it just made is not ready to serve yet), within the read's own bound.
+CLUSTER_READ_RETRY_SECONDS: Final = 0.05
 # Requests a gateway keeps in flight to one remote shard's owner; batches that arrive
 # meanwhile wait and go together in the next one (up to batch_requests_max commands), as
 # a shard's group commit does: a NATS request costs the same CPU for 1 command as for 1,000.

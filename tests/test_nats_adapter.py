@@ -11,8 +11,10 @@ import itertools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import nats.js.client as nats_client
+import nats.js.errors as nats_errors
 import pytest
 import trio
 from nats_cluster import NatsCluster
@@ -193,6 +195,28 @@ async def test_read_returns_one_subject_from_a_sequence_in_batches(nats: Nats) -
     assert [message for batch in batches for message in batch] == everything
     assert await nats.read(stream, subject, sequences[-1] + 1) == []
     assert await nats.read(stream, f"{prefix}.shard-9", 1) == []
+
+
+async def test_a_read_asks_again_when_its_new_consumer_is_not_ready_yet(
+    nats: Nats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JetStream answers a fetch 503 while the consumer just made has no one to serve it:
+    the read asks again within its bound instead of failing a takeover's replay."""
+    stream, prefix = await new_stream(nats)
+    subject = f"{prefix}.shard-0"
+    sequence = await nats.publish(subject, b"only", msg_id="only")
+    fetch = nats_client.JetStreamContext.PullSubscription.fetch
+    refusals = [2]
+
+    async def not_ready_at_first(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise nats_errors.ServiceUnavailableError
+        return await fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(nats_client.JetStreamContext.PullSubscription, "fetch", not_ready_at_first)
+    assert await nats.read(stream, subject, 1) == [(sequence, b"only")]
+    assert refusals == [0]
 
 
 async def test_purge_keeps_the_subject_from_a_sequence(nats: Nats) -> None:

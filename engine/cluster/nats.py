@@ -34,6 +34,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreCon
 from nats.js.kv import KeyValue as NatsKeyValue
 from nats.js.object_store import ObjectStore
 
+from protocol.limits import CLUSTER_READ_RETRY_SECONDS
+
 logger = logging.getLogger("soldout.cluster.nats")
 
 T = TypeVar("T")
@@ -318,14 +320,23 @@ class Nats:
             subscription = await _call(
                 self._loop, self._jetstream.pull_subscribe_bind, consumer=consumer, stream=stream
             )
+            deadline = trio.current_time() + self._operation_seconds
             try:
                 while len(messages) < count_max:
-                    batch = await _call(
-                        self._loop,
-                        subscription.fetch,
-                        batch=min(count_max - len(messages), 256),
-                        timeout=self._operation_seconds,
-                    )
+                    try:
+                        batch = await _call(
+                            self._loop,
+                            subscription.fetch,
+                            batch=min(count_max - len(messages), 256),
+                            timeout=self._operation_seconds,
+                        )
+                    except NatsError as error:
+                        # 503: the consumer just made has no one to serve it yet. A read
+                        # may ask again (it changes nothing), within its bound.
+                        if not _is(error, nats.js.errors.ServiceUnavailableError) or trio.current_time() >= deadline:
+                            raise
+                        await trio.sleep(CLUSTER_READ_RETRY_SECONDS)
+                        continue
                     for message in batch:
                         sequence = int(message.metadata.sequence.stream)
                         if sequence > last:
