@@ -52,3 +52,19 @@ def engine_config(wall_clock: Callable[[], float]) -> Callable[..., EngineConfig
         return EngineConfig(**overrides)
 
     return build
+
+
+PROCESS_LOG_TAIL_BYTES = 6000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that started server processes shows the end of each one's log (the
+    `*.log` files under its tmp_path), so a failure seen once in CI can be read."""
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.glob("**/*.log")):
+            tail = log.read_bytes()[-PROCESS_LOG_TAIL_BYTES:].decode(errors="replace")
+            report.sections.append((f"{log.relative_to(tmp_path)} (its last {len(tail)} characters)", tail))
+    return report

@@ -124,32 +124,35 @@ class LeaseKeeper:
         """
         async with trio.open_nursery() as nursery:
             self._takeovers = nursery
-            await nursery.start(self._keep_renewing)
+            await nursery.start(self._every_third_of_a_lease, "renewing", self.renew)
             nursery.start_soon(self._step_down_when_stale)
-            started = False
-            while True:
-                try:
-                    await self.rebalance()
-                except* NatsError as failure:
-                    log.warning("node %s: ownership round failed (%s); retrying", self.node, _first(failure))
-                if not started:
-                    task_status.started()
-                    started = True
-                await trio.sleep(self.lease_seconds / 3)
+            await self._every_third_of_a_lease("ownership round", self.rebalance, task_status=task_status)
 
-    async def _keep_renewing(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _every_third_of_a_lease(
+        self,
+        what: str,
+        step: Callable[[], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run `step` every `lease_seconds / 3`, until cancelled; started after the first.
+        A step that fails on NATS is logged and tried again at the next turn."""
         started = False
         while True:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._renew)
+                await step()
             except* NatsError as failure:
-                log.warning("node %s: renewing failed (%s); retrying", self.node, _first(failure))
+                log.warning("node %s: %s failed (%s); retrying", self.node, what, _first(failure))
             if not started:
                 task_status.started()
                 started = True
             await trio.sleep(self.lease_seconds / 3)
+
+    async def renew(self) -> None:
+        """The heartbeat and every held lease, written at once."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._renew)
 
     async def rebalance(self) -> None:
         """Look at the bucket, then take and hand off shards as the plan says (all at once)."""
