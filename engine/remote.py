@@ -56,7 +56,6 @@ class RemoteShard:
         self._part_requests_max = limits.batch_requests_max
         self._waiting: deque[Batch] = deque()
         self._forwarders = 0
-        self.requests = 0  # sent to the owner, for tests and figures
 
     async def hand_over(self, batch: Batch) -> None:
         # As for a local shard: a caller already cancelled hands nothing over.
@@ -104,7 +103,6 @@ class RemoteShard:
     async def _forward_part(self, commands: Sequence[Command]) -> list[AnyReply]:
         maps = [request_map(position, command) for position, command in enumerate(commands)]
         try:
-            self.requests += 1
             answer = await self._transport.request(self.index, self._codec.encode_batch(maps))
             received = self._codec.decode_replies(answer)
         except (ShardUnreachable, RemoteProtocolError, LocalProtocolError):

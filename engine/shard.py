@@ -391,9 +391,12 @@ class Shard:
             self._snapshot_failed(error)
         else:
             self._snapshots += 1
-            self._snapshot_retry_seconds = RETRY_SECONDS_MIN
-            self._snapshot_running = False
-            self._snapshot_idle.set()
+            self._snapshot_done()
+
+    def _snapshot_done(self) -> None:
+        self._snapshot_retry_seconds = RETRY_SECONDS_MIN
+        self._snapshot_running = False
+        self._snapshot_idle.set()
 
     def _snapshot_failed(self, error: Exception) -> None:
         """Log it and try again later: the journal still holds everything."""

@@ -2,7 +2,7 @@
 
 `ClusterLoop` runs a real-clock trio loop (NATS needs real I/O) on a thread; nodes join
 and leave it by name, each with its own NATS connection, all sharing one
-`SteppedWallClock`: the engines' epoch seconds stand still until the test moves them,
+`SettableWallClock` (wire_helpers): the engines' epoch seconds stand still until the test moves them,
 so hold expiry and sale windows follow the test, not the machine's speed.
 
 The session's journal stream and owner bucket are shared by every cluster test, so the
@@ -31,7 +31,6 @@ from engine.config import EngineConfig
 
 T = TypeVar("T")
 
-EPOCH = 1_700_000_000.0
 REPLICAS = 3
 # Longer than the other in-process tests' lease: a test thread busy with hypothesis and
 # a loaded machine must never delay a renewal past two thirds of it.
@@ -44,20 +43,6 @@ _names = itertools.count()
 def unique_name(prefix: str) -> str:
     """A name no other cluster test of the session uses."""
     return f"{prefix}{next(_names)}"
-
-
-class SteppedWallClock:
-    """Epoch seconds that move only when told to (multiples of 0.25 s stay exact near 1.7e9)."""
-
-    def __init__(self, start: float = EPOCH) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
 
 
 class Hangs(AssertionError):

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cluster_harness import ClusterLoop, SteppedWallClock, unique_name
+from cluster_harness import ClusterLoop, unique_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model import View, observe_engine
 from nats_cluster import NatsCluster
+from wire_helpers import SettableWallClock
 
 from engine import EngineConfig, open_engine
 from engine.api import Engine
@@ -47,7 +48,7 @@ ORDERS = (None, None, "po-1", "po-2")
 
 @pytest.fixture
 def cluster(nats_cluster: NatsCluster) -> Any:
-    clock = SteppedWallClock()
+    clock = SettableWallClock()
     loop = ClusterLoop(nats_cluster.urls, EngineConfig(shards=SHARDS, wall_clock=clock, snapshot_records_min=4))
     try:
         for name in (unique_name("diff-a"), unique_name("diff-b")):
@@ -227,7 +228,7 @@ def translated_view(view: View, to_single: dict[str, str]) -> View:
 
 
 async def same_answers(
-    loop: ClusterLoop, clock: SteppedWallClock, sequence: list[tuple[Any, ...]], prefix: str
+    loop: ClusterLoop, clock: SettableWallClock, sequence: list[tuple[Any, ...]], prefix: str
 ) -> None:
     names = [f"{prefix}-{sku}" for sku in SKUS]
     gateways: list[tuple[str, Engine]] = [(name, engine) for name, (engine, _) in loop.nodes.items()]

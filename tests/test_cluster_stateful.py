@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from cluster_harness import ClusterLoop, SteppedWallClock, unique_name
+from cluster_harness import ClusterLoop, unique_name
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from model import Model, assert_same_reply
 from nats_cluster import NatsCluster
 from test_engine_stateful import SKUS, EngineAgainstModel, sku_settings
+from wire_helpers import SettableWallClock
 
 from engine import Engine, EngineConfig
 from engine.router import shard_for_sku
@@ -43,7 +44,7 @@ HAND_OVER_EVERY_STEPS = 10
 class ClusterAgainstModel(EngineAgainstModel):
     # Set by the test before it runs the machine: the nodes live across its runs.
     loop: ClusterLoop
-    wall: SteppedWallClock
+    wall: SettableWallClock
     moves_with_holds = 0  # hand-overs that moved a shard holding some run's holds
 
     def __init__(self) -> None:
@@ -171,8 +172,8 @@ class ClusterAgainstModel(EngineAgainstModel):
 
 
 @pytest.fixture
-def cluster(nats_cluster: NatsCluster) -> Iterator[tuple[ClusterLoop, SteppedWallClock]]:
-    wall = SteppedWallClock()
+def cluster(nats_cluster: NatsCluster) -> Iterator[tuple[ClusterLoop, SettableWallClock]]:
+    wall = SettableWallClock()
     # A small snapshot_records_min: shards snapshot often (where the holds they carry allow).
     loop = ClusterLoop(nats_cluster.urls, EngineConfig(shards=SHARDS, wall_clock=wall, snapshot_records_min=4))
     try:
@@ -184,7 +185,7 @@ def cluster(nats_cluster: NatsCluster) -> Iterator[tuple[ClusterLoop, SteppedWal
         loop.close()
 
 
-def test_a_cluster_answers_as_the_model_across_hand_overs(cluster: tuple[ClusterLoop, SteppedWallClock]) -> None:
+def test_a_cluster_answers_as_the_model_across_hand_overs(cluster: tuple[ClusterLoop, SettableWallClock]) -> None:
     ClusterAgainstModel.loop, ClusterAgainstModel.wall = cluster
     ClusterAgainstModel.moves_with_holds = 0
     run_state_machine_as_test(

@@ -50,6 +50,7 @@ class SettableWallClock:
         return self.now
 
     def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "wall-clock time only moves forward in these tests"
         self.now += seconds
 
 

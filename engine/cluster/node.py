@@ -36,7 +36,7 @@ from engine.cluster.ownership import OWNERS_BUCKET, LeaseKeeper
 from engine.config import EngineConfig
 from engine.remote import RemoteShard, ShardUnreachable
 from engine.shard import Batch, CommitObserver, EngineClosed, Shard
-from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX, RETRY_SECONDS_MIN
+from protocol.limits import CLUSTER_REQUEST_SECONDS_MAX
 
 log = logging.getLogger("soldout.cluster")
 
@@ -134,11 +134,6 @@ class ClusterShard(Shard):
         except NatsError as error:
             # Recovery starts from the recorded snapshot either way; the next one cleans up.
             log.warning("shard %d: cleaning up before the snapshot at %d failed (%s)", self.index, covered, error)
-
-    def _snapshot_done(self) -> None:
-        self._snapshot_retry_seconds = RETRY_SECONDS_MIN
-        self._snapshot_running = False
-        self._snapshot_idle.set()
 
     async def _commit_or_fault(self, records: list[Record], commands: int, background: trio.Nursery) -> bool:
         started = time.perf_counter()
