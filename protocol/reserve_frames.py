@@ -83,4 +83,6 @@ def _reserve_request_type(string_bytes_max: int, qty_max: int) -> Any:
             ("key", name | None, None),  # type: ignore[operator]
         ],
         forbid_unknown_fields=True,
+        # Strings and numbers only, so never part of a cycle: the collector need not track them.
+        gc=False,
     )

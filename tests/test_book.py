@@ -1313,3 +1313,37 @@ def test_a_batch_decides_each_reserve_as_the_reserve_check_alone_does(
     assert fast_records == plain_records
     assert books[0].to_snapshot() == books[1].to_snapshot()
     books[0].check_invariants()
+
+
+def test_holds_are_not_tracked_by_the_cyclic_collector_and_a_book_needs_it_for_nothing() -> None:
+    # Holds are untracked (Hold is a gc=False struct), which is only safe while nothing
+    # in a book forms a reference cycle: then dropping a book frees all of it by
+    # reference counting alone, and the collector finds nothing left behind. (Commands
+    # are built here directly: the parser itself holds a cycle, its bound methods.)
+    import gc
+    import weakref
+
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        book = Book()
+        later = NOW + 10_000
+        book.execute([PutSku(SKU, 10, 5, 60, None, None, False), PutSku("OTHER", 10, 1, 60, None, None, True)], NOW, [])
+        book.execute([Register("OTHER", ["ann"])], NOW, [])
+        replies = book.execute([Reserve(SKU, f"buyer-{number}", 1, f"key-{number}") for number in range(4)], NOW, [])
+        reservations = [reply.reservation for reply in replies]
+        book.execute([Confirm(reservations[0], "buyer-0", "order-1"), Cancel(reservations[1], "buyer-1")], NOW, [])
+        book.expire_due(later, [])
+        book.execute([Reserve(SKU, "buyer-9", 1, None), Reserve("OTHER", "ann", 1, "k")], later, [])
+        book.execute([Register("OTHER", ["bob"]), GetHold(reservations[0], "buyer-0"), Stock(SKU)], later, [])
+        book.to_snapshot()
+        assert len(book.holds) == 6
+        assert not any(gc.is_tracked(hold) for hold in book.holds.values())
+        gone = weakref.ref(book)
+        del book
+        assert gone() is None, "a book is kept alive by a reference cycle"
+        assert gc.collect() == 0, "a book left objects that only the cyclic collector frees"
+    finally:
+        if collecting:
+            gc.enable()
