@@ -69,9 +69,6 @@ _PUT_SKU_NAMES: Final = frozenset({"id", "op", "sku", *PUT_SKU_SETTINGS})
 PING_REPLY: Final = Reply(OK)
 STATS: Final = Stats()
 
-# Equal to nothing a peer can send.
-_NOTHING: Final = object()
-
 # What `request` returns: the request's id (None when the map has no valid one), its op
 # (None unless it is a known one), and the command, or the reply already decided.
 Parsed = tuple[int | None, str | None, "Command | Stats | AnyReply"]
@@ -151,46 +148,12 @@ class CommandParser:
         add_op = ops.append
         add_command = commands.append
         request = self.request
-        names_max = self._string_bytes_max
-        qty_max = self._qty_max
-        # The last SKU found valid: a frame's reserves mostly name one or a few, and an
-        # equal string is as valid as it was.
-        valid_sku: object = _NOTHING
         stats = 0
         for fields in maps:
             if type(fields) is not dict:
                 return None
-            # The common case, inlined (a frame may hold a thousand): a reserve holding
-            # exactly its fields, with ASCII names within the bound and a qty in range
-            # (the predicate of `plain_reserve`). Five entries, or six with "key", that
-            # hold every name looked up hold no other: a missing one falls through.
-            count = len(fields)
-            if count == 6 or count == 5:
-                try:
-                    if fields["op"] == "reserve":
-                        request_id = fields["id"]
-                        sku = fields["sku"]
-                        buyer = fields["buyer"]
-                        qty = fields["qty"]
-                        key = fields["key"] if count == 6 else None
-                        if (
-                            type(request_id) is int
-                            and ID_MIN <= request_id <= ID_MAX
-                            and (sku == valid_sku or (type(sku) is str and sku.isascii() and 0 < len(sku) <= names_max))
-                            and type(buyer) is str
-                            and buyer.isascii()
-                            and 0 < len(buyer) <= names_max
-                            and type(qty) is int
-                            and 0 < qty <= qty_max
-                            and (key is None or (type(key) is str and key.isascii() and 0 < len(key) <= names_max))
-                        ):
-                            valid_sku = sku
-                            add_id(request_id)
-                            add_op("reserve")
-                            add_command(Reserve(sku, buyer, qty, key))
-                            continue
-                except KeyError:
-                    pass
+            # A frame of valid reserves alone never gets here: the codec's fast path
+            # (protocol/reserve_frames.py) decodes it.
             request_id, op, command = request(fields, admin)
             add_id(request_id)
             add_op(op)
