@@ -36,10 +36,10 @@ class ReserveFrameDecoder:
     """Decodes payloads that are reserves alone; None for any other payload."""
 
     def __init__(self, string_bytes_max: int, qty_max: int, batch_requests_max: int) -> None:
-        self._request_type = _reserve_request_type(string_bytes_max, qty_max)
+        request_type = _reserve_request_type(string_bytes_max, qty_max)
         self._decoder = msgspec.msgpack.Decoder(
-            Annotated[list[self._request_type], msgspec.Meta(min_length=1, max_length=batch_requests_max)]  # type: ignore[name-defined]
-            | self._request_type
+            Annotated[list[request_type], msgspec.Meta(min_length=1, max_length=batch_requests_max)]  # type: ignore[valid-type]
+            | request_type
         )
 
     def decode(self, payload: bytes) -> ReserveFrame | None:
