@@ -173,6 +173,8 @@ class Shard:
         self.fault: BaseException | None = None
         self._faults = 0
         self._reopening = trio.CancelScope()
+        # The alarm's wait: its deadline is when the earliest hold runs out (see _expire_when_due).
+        self._alarm = trio.CancelScope()
         self._batches = 0
         self._commands = 0
         self._records = 0
@@ -235,36 +237,34 @@ class Shard:
                 # On a fault the shard starts unavailable, and its book is rebuilt from the files.
                 await self._commit_or_fault(records, 0, background)
             task_status.started()
+            alarm = trio.CancelScope()
+            background.start_soon(self._expire_when_due, alarm)
             try:
                 await self._serve(background)
             finally:
-                # Retrying a broken journal has no point once the shard stops.
+                # Retrying a broken journal has no point once the shard stops, nor the alarm.
                 self._reopening.cancel()
+                alarm.cancel()
 
     async def _serve(self, background: trio.Nursery) -> None:
         inbox = self._inbox
         wall_clock = self._wall_clock
         batch_commands_max = self._batch_commands_max
         while True:
-            batch: Batch | None = None
-            with trio.move_on_at(self._expiry_deadline()):
-                try:
-                    batch = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
+            try:
+                batch = await inbox.receive()
+            except trio.EndOfChannel:
+                return
             # The batches decided and committed together: what is waiting, up to the bound.
-            batches: list[Batch] = []
-            commands = 0
-            if batch is not None:
+            batches = [batch]
+            commands = len(batch.commands)
+            while commands < batch_commands_max:
+                try:
+                    batch = inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
                 batches.append(batch)
-                commands = len(batch.commands)
-                while commands < batch_commands_max:
-                    try:
-                        batch = inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batches.append(batch)
-                    commands += len(batch.commands)
+                commands += len(batch.commands)
             if self.fault is not None:
                 # Nothing is decided while the journal cannot be written.
                 for batch in batches:
@@ -273,11 +273,8 @@ class Shard:
             book = self.book
             now = wall_clock()
             records: list[Record] = []
-            if batches:
-                replies = [book.execute(batch.commands, now, records) for batch in batches]
-            else:
-                replies = []
-                book.expire_due(now, records)
+            # Due holds expire first, in the first batch (the alarm's is empty).
+            replies = [book.execute(batch.commands, now, records) for batch in batches]
             if records and not await self._commit_or_fault(records, commands, background):
                 # Not known to be on disk: no reply of these batches may say `ok`.
                 replies = [[_unavailable(command) for command in batch.commands] for batch in batches]
@@ -287,8 +284,36 @@ class Shard:
             self._batches += 1
             self._commands += commands
             self._records += len(records)
+            self._set_alarm()
             if self.fault is None and not self._snapshot_running and self._snapshot_due():
                 await self._start_snapshot(background)
+
+    async def _expire_when_due(self, stop: trio.CancelScope) -> None:
+        """Hand the shard an empty batch when its earliest hold runs out, so that an idle
+        shard expires its holds on time (a busy one expires them before each batch anyway).
+
+        One alarm per shard, moved earlier as holds are made: a deadline set per batch
+        was the biggest cost of trio's in a shard's loop.
+        """
+        with stop:
+            while True:
+                with trio.CancelScope(deadline=self._expiry_deadline()) as self._alarm:
+                    await trio.sleep_forever()
+                wake = Batch(())
+                try:
+                    # Straight into the mailbox: a hand-off must not send this on to a successor.
+                    await self.mailbox.send(wake)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
+                # The next deadline is the one after this batch's expiries.
+                await wake.wait()
+
+    def _set_alarm(self) -> None:
+        """Bring the alarm forward to the earliest hold's expiry (a later one can wait:
+        the alarm then finds nothing due and sets itself again)."""
+        deadline = self._expiry_deadline()
+        if deadline < self._alarm.deadline:
+            self._alarm.deadline = deadline
 
     def _expiry_deadline(self) -> float:
         if self.fault is not None:
@@ -337,6 +362,7 @@ class Shard:
                     continue
                 self.book = book
                 self.fault = None
+                self._set_alarm()  # the rebuilt book's holds expire on time too
                 log.warning("shard %d: journal writable again; serving from %s", self.index, store.directory)
                 return
 

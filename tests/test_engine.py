@@ -312,6 +312,35 @@ async def test_a_hold_expires_by_the_shards_own_timer(
         assert (await engine.confirm(early.reservation, buyer="a")).status == "expired"
 
 
+async def test_the_timer_comes_forward_for_a_hold_that_runs_out_before_the_ones_it_waits_for(
+    autojump_clock: trio.testing.MockClock, engine_config: ConfigFactory
+) -> None:
+    async with open_engine(engine_config(shards=1)) as engine:
+        await engine.put_sku("LONG", stock=2, per_buyer_limit=2, hold_seconds=600)
+        await engine.put_sku("SHORT", stock=2, per_buyer_limit=2, hold_seconds=10)
+        await engine.reserve("LONG", buyer="a", qty=1)
+        await trio.sleep(1)
+        await engine.reserve("SHORT", buyer="a", qty=2)
+        await trio.sleep(10.5)  # past SHORT's expiry, long before LONG's: no request sent
+        assert counts_without_a_request(engine, "SHORT") == (2, 2, 0, 0)
+        assert counts_without_a_request(engine, "LONG") == (2, 1, 1, 0)
+
+
+async def test_the_timer_goes_on_past_an_earliest_hold_that_ended(
+    autojump_clock: trio.testing.MockClock, engine_config: ConfigFactory
+) -> None:
+    async with open_engine(engine_config(shards=1)) as engine:
+        await engine.put_sku(SKU, stock=3, per_buyer_limit=3, hold_seconds=60)
+        first = await engine.reserve(SKU, buyer="a", qty=1)
+        await trio.sleep(20)
+        await engine.reserve(SKU, buyer="b", qty=2)
+        assert (await engine.confirm(first.reservation, buyer="a")).status == "ok"
+        await trio.sleep(41)  # the confirmed hold's time: nothing is due
+        assert counts_without_a_request(engine) == (3, 0, 2, 1)
+        await trio.sleep(20)  # past the second hold's: it expires with no request sent
+        assert counts_without_a_request(engine) == (3, 2, 0, 1)
+
+
 async def test_the_timer_journals_its_expiry(
     mock_clock: trio.testing.MockClock, engine_config: ConfigFactory, wall_clock: WallClock, data_dir: str
 ) -> None:
