@@ -93,9 +93,14 @@ class InvariantViolation(AssertionError):
     """A bug: the book reached a state that DESIGN.md's invariants forbid."""
 
 
+def reservation_prefix(shard: int) -> str:
+    """What every reservation id of `shard` starts with; the hold's number follows."""
+    return f"{shard}-"
+
+
 def format_reservation(shard: int, hold_number: int) -> str:
     """A reservation id names its shard, so confirm and cancel route without a lookup."""
-    return f"{shard}-{hold_number}"
+    return reservation_prefix(shard) + str(hold_number)
 
 
 def parse_reservation(reservation: str) -> tuple[int, int] | None:
@@ -191,6 +196,7 @@ class Book:
 
     def __init__(self, shard: int = 0, limits: Limits | None = None) -> None:
         self.shard = shard
+        self._reservation_prefix = reservation_prefix(shard)
         self.limits = limits or Limits()
         self.skus: dict[str, SkuState] = {}
         self.holds: dict[int, Hold] = {}
@@ -329,7 +335,8 @@ class Book:
         record = (RECORD_HOLD, number, state.sku, buyer, qty, now, expires_at, key)
         self._apply_hold(state, number, buyer, qty, now, expires_at, key)
         records.append(record)
-        return Reply(OK, format_reservation(self.shard, number), expires_at, available - qty)
+        # format_reservation's id, from a prefix made once: a hold is made per `ok`.
+        return Reply(OK, self._reservation_prefix + str(number), expires_at, available - qty)
 
     def _find_hold(self, reservation: str, buyer: str) -> Hold | None:
         """The hold `reservation` names, when it is `buyer`'s."""

@@ -24,6 +24,7 @@ from engine.book import (
     RECORD_REGISTER,
     Book,
     InvariantViolation,
+    format_reservation,
     parse_reservation,
 )
 from protocol.limits import Limits
@@ -134,6 +135,18 @@ def test_reserve_ok_sets_reservation_expiry_and_remaining() -> None:
     assert [record[0] for record in records] == [RECORD_HOLD]
     stock = stock_of(book)
     assert (stock.stock, stock.available, stock.held, stock.sold) == (10, 7, 3, 0)
+
+
+@pytest.mark.parametrize("shard", [0, 3, 9, 255])
+def test_a_new_holds_reservation_is_the_one_format_reservation_writes_and_a_key_gives_back(shard: int) -> None:
+    book = Book(shard=shard)
+    put(book, stock=20, per_buyer_limit=20)
+    for number in range(1, 13):
+        made, _ = apply(book, Reserve(SKU, "u1", 1, f"k{number}"), NOW)
+        assert made.reservation == format_reservation(shard, number)
+        assert parse_reservation(made.reservation) == (shard, number)
+        again, _ = apply(book, Reserve(SKU, "u1", 1, f"k{number}"), NOW)
+        assert again.reservation == made.reservation
 
 
 def test_each_hold_gets_its_own_reservation() -> None:

@@ -855,6 +855,9 @@ async def test_prometheus_and_the_stats_op_show_the_same_figures(
         async with open_raw(server.url) as websocket:
             replies = await exchange(websocket, [reserve_map(index, SKU, f"u{index}") for index in range(4)])
             assert [reply["status"] for reply in replies] == ["ok", "ok", "ok", "sold_out"]
+            # A frame of one answer alone, counted as many times as it has requests.
+            late = await exchange(websocket, [reserve_map(index, SKU, f"u{index}") for index in range(4, 7)])
+            assert [reply["status"] for reply in late] == ["sold_out"] * 3
             assert (await exchange(websocket, {"id": 9, "op": "stock", "sku": SKU}))["held"] == 3
             assert (await exchange(websocket, {"id": 10, "op": "stats"}))["status"] == "forbidden"
         async with open_raw(server.url, ADMIN_TOKEN) as admin:
@@ -868,7 +871,7 @@ async def test_prometheus_and_the_stats_op_show_the_same_figures(
         return samples[("soldout_requests_total", (("op", op), ("status", status)))]
 
     assert requests("reserve", "ok") == 3 == stats["requests"]["reserve"]["ok"]
-    assert requests("reserve", "sold_out") == 1 == stats["requests"]["reserve"]["sold_out"]
+    assert requests("reserve", "sold_out") == 4 == stats["requests"]["reserve"]["sold_out"]
     assert requests("stock", "ok") == 1 == stats["requests"]["stock"]["ok"]
     assert requests("stats", "forbidden") == 1 == stats["requests"]["stats"]["forbidden"]
     assert requests("stats", "ok") == 1  # counted once answered, so not in its own figures
@@ -878,7 +881,7 @@ async def test_prometheus_and_the_stats_op_show_the_same_figures(
     commits = samples[("soldout_journal_commit_seconds_count", ())]
     assert commits >= 2  # the configured SKU, then at least one batch of reserves
     assert commits >= stats["journal_commits"]
-    assert samples[("soldout_frames_total", (("direction", "received"),))] == 4
-    assert stats["frames_received"] == 4
+    assert samples[("soldout_frames_total", (("direction", "received"),))] == 5
+    assert stats["frames_received"] == 5
     assert samples[("soldout_connections_accepted_total", ())] == 2
     assert ("soldout_reserve_latency_seconds_count", ()) in samples

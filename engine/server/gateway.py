@@ -28,7 +28,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -476,7 +477,12 @@ class Connection:
         ops = frame.ops
         op = ops[0]
         if op is not None and ops.count(op) == len(ops):
-            # A frame of one op (a crowd's reserves): count its statuses alone.
+            # A frame of one op (a crowd's reserves): count its statuses alone; a frame of
+            # one answer (the book answers a refusal with one object) without counting.
+            first = replies[0]
+            if all(map(is_, replies, repeat(first))):
+                self.metrics.answered({(op, first.status): len(replies)})
+                return
             self.metrics.answered({(op, status): count for status, count in Counter(map(_status, replies)).items()})
             return
         tally = Counter(zip(ops, map(_status, replies)))  # noqa: B905 (one reply per request)
